@@ -1,0 +1,5 @@
+"""`python -m hubsync`."""
+
+from hubsync.cli import main
+
+main()

@@ -1,0 +1,179 @@
+"""The `hubsync` command line: a thin layer over the library.
+
+Each command parses its arguments, calls one library function and prints the result. `main()` is the only
+place where errors become messages and exit codes: a `HubsyncError` is a user's mistake and prints one line
+(traceback only with HUBSYNC_DEBUG=1); anything else is a bug and keeps its traceback.
+Nothing heavy (torch, transformers, huggingface_hub) is imported at module level, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from hubsync import __version__
+from hubsync.errors import HubsyncError, ManifestError, NotImplementedYet
+
+log = logging.getLogger("hubsync")
+
+MANIFEST = click.argument("manifest", type=click.Path(path_type=Path), metavar="MANIFEST")
+JSON_FLAG = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON result on stdout.")
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("hubsync")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if verbosity < 0:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _not_built(command: str, issue: str) -> NoReturn:
+    raise NotImplementedYet(f"`hubsync {command}` is not built yet ({issue}).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="hubsync")
+@click.option("-v", "--verbose", count=True, help="More output (repeat for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Rebuild, verify and publish a fine-tuned model repo from a pinned base and the tuned tensors.
+
+    \b
+    Typical use:
+      hubsync validate manifest.yaml   # check the manifest
+      hubsync plan manifest.yaml       # what the build will do, without doing it
+      hubsync build manifest.yaml      # write + verify the output folder
+      hubsync push                     # publish the last build
+
+    Set HUBSYNC_DEBUG=1 to see tracebacks.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbosity"] = -1 if quiet else verbose
+    _configure_logging(ctx.obj["verbosity"])
+
+
+@cli.command()
+@MANIFEST
+@JSON_FLAG
+def validate(manifest: Path, as_json: bool) -> None:
+    """Check a manifest and report every mistake at once, each with its file:line."""
+    from hubsync.manifest import load_manifest
+
+    try:
+        loaded = load_manifest(manifest)
+    except ManifestError as err:
+        if as_json:
+            _echo_json({"valid": False, "problems": [p.to_dict() for p in err.problems]})
+        else:
+            for problem in err.problems:
+                click.echo(problem.render(), err=True)
+        raise SystemExit(err.exit_code) from None
+    if as_json:
+        _echo_json({"valid": True, "manifest": loaded.to_record()})
+    else:
+        click.echo(f"{manifest}: valid")
+
+
+@cli.command()
+@MANIFEST
+@JSON_FLAG
+@click.option("--allow-untuned-changes", is_flag=True, help="Accept changes outside `finetune.tuned` (taken from the base).")
+def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
+    """Show what a build would write and where each file and tensor comes from, without writing anything."""
+    _not_built("plan", "issue #3")
+
+
+@cli.command()
+@MANIFEST
+@JSON_FLAG
+@click.option("--no-verify", is_flag=True, help="Skip the verification that normally ends a build.")
+@click.option("--allow-untuned-changes", is_flag=True, help="Accept changes outside `finetune.tuned` (taken from the base).")
+def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes: bool) -> None:
+    """Build a complete, loadable repo folder from the pinned base plus the tuned tensors."""
+    _not_built("build", "issue #3")
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path), metavar="PATH_OR_MANIFEST")
+@JSON_FLAG
+def verify(target: Path, as_json: bool) -> None:
+    """Prove that a build loads and runs (on a GPU when there is one)."""
+    _not_built("verify", "issue #4")
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path), metavar="[MANIFEST]", required=False)
+@JSON_FLAG
+def push(manifest: Path | None, as_json: bool) -> None:
+    """Publish a verified build as one commit, uploading only what changed."""
+    _not_built("push", "issue #5")
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(path_type=Path), metavar="[MANIFEST]", required=False)
+@JSON_FLAG
+def status(manifest: Path | None, as_json: bool) -> None:
+    """Has the base moved? Does the local build differ from the published repo?"""
+    _not_built("status", "issue #5")
+
+
+@cli.command()
+@click.argument("finetune_dir", type=click.Path(path_type=Path), metavar="FINETUNE_DIR")
+@click.option("--base", "base", required=True, metavar="REPO[@REV]", help="The base model the fine-tune started from.")
+def doctor(finetune_dir: Path, base: str) -> None:
+    """Diagnose a trainer output against its base and print a manifest that fixes it."""
+    _not_built("doctor", "issue #3")
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("hubsync-demo"), show_default=True,
+              help="Folder for the demo's local Hub, fine-tune and build.")
+def demo(workdir: Path) -> None:
+    """Run the whole story offline on an embedded local Hub with a tiny model."""
+    from hubsync.demo import run_demo
+
+    run_demo(workdir)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: the one error boundary of hubsync."""
+    debug = os.environ.get("HUBSYNC_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="hubsync", standalone_mode=False)
+    except HubsyncError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err.one_line()}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; nothing half-written was left behind", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
