@@ -96,7 +96,16 @@ def validate(manifest: Path, as_json: bool) -> None:
 @click.option("--allow-untuned-changes", is_flag=True, help="Accept changes outside `finetune.tuned` (taken from the base).")
 def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
     """Show what a build would write and where each file and tensor comes from, without writing anything."""
-    _not_built("plan", "issue #3")
+    from hubsync.build import prepare
+    from hubsync.plan import render
+
+    prepared = prepare(manifest, allow_untuned_changes=allow_untuned_changes)
+    if as_json:
+        _echo_json(prepared.plan.to_dict())
+    else:
+        click.echo(render(prepared.plan))
+    if prepared.plan.problems:
+        raise SystemExit(1)
 
 
 @cli.command()
@@ -106,7 +115,15 @@ def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
 @click.option("--allow-untuned-changes", is_flag=True, help="Accept changes outside `finetune.tuned` (taken from the base).")
 def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes: bool) -> None:
     """Build a complete, loadable repo folder from the pinned base plus the tuned tensors."""
-    _not_built("build", "issue #3")
+    from hubsync.build import build as run_build
+    from hubsync.plan import render
+
+    result = run_build(manifest, allow_untuned_changes=allow_untuned_changes)
+    if as_json:
+        _echo_json({"output": str(result.output), "plan": result.plan.to_dict(), "record": result.record})
+    else:
+        click.echo(render(result.plan))
+        click.echo(f"\nbuilt {result.output}")
 
 
 @cli.command()

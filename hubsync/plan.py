@@ -1,0 +1,565 @@
+"""The plan: a pure function from the manifest, the base, the fine-tune and the tensor comparison to a
+description of every output file and tensor, with the rules applied and every problem named.
+
+Nothing here reads a file or a tensor; `write` follows the plan and nothing else, and `hubsync plan` prints it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from hubsync.compare import TensorDiff
+from hubsync.errors import PlanError
+from hubsync.finetune import FinetuneInventory, is_leftover, is_weight_file
+from hubsync.manifest import Manifest
+from hubsync.resolve import BaseInventory
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+NAMED_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+DTYPE_NAMES = {v: k for k, v in NAMED_DTYPES.items()} | {"F64": "float64"}
+GENERATED = ("README.md", "hubsync.json")
+# Config keys that say nothing about the model; trainers and transformers versions rewrite them freely.
+VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
+DTYPE_KEYS = {"torch_dtype", "dtype"}
+# Pairs that must agree between config.json and the processor config, per architecture (field notes:
+# MiniCPM-V 2.6's chat() asserts them).
+CONFIG_PAIRS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "minicpmv": (
+        ("query_num", "preprocessor_config.json", "image_feature_size"),
+        ("patch_size", "preprocessor_config.json", "patch_size"),
+        ("slice_config.max_slice_nums", "preprocessor_config.json", "max_slice_nums"),
+    ),
+}
+LOADER_FILE_KINDS = (
+    ("processor", ("preprocessor_config.json", "processor_config.json", "processing_*.py", "image_processing_*.py")),
+    ("remote code", ("*.py",)),
+    ("tokenizer", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.txt", "spiece.model")),
+    ("chat template", ("chat_template.jinja", "chat_template.json", "additional_chat_templates/*")),
+    ("generation config", ("generation_config.json",)),
+    ("license", ("LICENSE*", "LICENCE*", "*license*", "*LICENSE*")),
+)
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One output file: where it comes from and how it is made."""
+
+    path: str
+    source: Literal["base", "finetune", "generated"]
+    action: Literal["copy", "rewrite-shard", "write-json", "write-index", "card", "provenance"]
+    reason: str = ""
+    content: dict[str, Any] | None = None  # for write-json / write-index
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shard: str
+    source: Literal["base", "finetune"]
+    finetune_name: str | None
+    dtype: str  # output dtype
+    base_dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrefixSummary:
+    prefix: str
+    tensors: int  # tensors under the prefix in the base
+    changed: int
+    vanished: int
+    params_changed: int
+    max_abs: float
+    rel: float  # largest relative change of any tensor under the prefix
+
+
+@dataclass(frozen=True)
+class ConfigDifference:
+    key: str
+    base: Any
+    finetune: Any
+    decision: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    base_label: str
+    base_repo: str | None
+    base_sha: str | None
+    base_revision: str | None
+    finetune_folder: str
+    output_dir: str
+    files: tuple[FilePlan, ...]
+    tensors: tuple[TensorPlan, ...]
+    prefixes: tuple[PrefixSummary, ...]
+    casts: tuple[tuple[str, str, int], ...]  # (from, to, count) for tensors taken from the fine-tune
+    restored: tuple[tuple[str, str], ...]  # (file, kind): base files the fine-tune folder lacks
+    dropped: tuple[str, ...]  # fine-tune files that never reach the output (leftovers, strays, unkept)
+    config_diff: tuple[ConfigDifference, ...]
+    notes: tuple[str, ...]
+    problems: tuple[str, ...]
+    suggested_tuned: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_for_problems(self) -> None:
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more problem(s): see `hubsync plan`)" if len(self.problems) > 1 else ""
+            raise PlanError(self.problems[0] + more)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def tuned_tensors(self) -> tuple[TensorPlan, ...]:
+        return tuple(t for t in self.tensors if t.source == "finetune")
+
+
+def output_dtype_for(manifest: Manifest) -> Any:
+    """The output dtype of a tensor given its base dtype: the base's, or output.dtype for float tensors."""
+    named = NAMED_DTYPES.get(manifest.output.dtype)
+
+    def pick(base_dtype: str) -> str:
+        return named if named is not None and base_dtype in FLOAT_DTYPES else base_dtype
+
+    return pick
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> str | None:
+    return next((p for p in prefixes if name.startswith(p)), None)
+
+
+def suggest_prefixes(changed: set[str], unchanged: set[str]) -> tuple[str, ...]:
+    """The shortest dotted prefixes that cover the changed tensors and none of the unchanged ones."""
+    found: set[str] = set()
+    for name in sorted(changed):
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth]) + "."
+            if not any(u.startswith(prefix) for u in unchanged):
+                found.add(prefix)
+                break
+        else:
+            found.add(name)
+    return tuple(sorted(p for p in found if not any(p != q and p.startswith(q) for q in found)))
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _copy_json(data: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(data))
+
+
+def _auto_map_refs(data: dict[str, Any]) -> list[str]:
+    auto_map = data.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return []
+    refs: list[str] = []
+    for value in auto_map.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                refs.append(item)
+    return refs
+
+
+def _localise_auto_map(data: dict[str, Any], files: set[str]) -> tuple[dict[str, Any] | None, list[str]]:
+    """Strip `repo--` from auto_map refs whose module ships locally. Returns (new content or None, problems)."""
+    problems: list[str] = []
+    auto_map = data.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return None, problems
+    changed = False
+    new_map: dict[str, Any] = {}
+    for key, value in auto_map.items():
+        items = value if isinstance(value, list) else [value]
+        fixed = []
+        for item in items:
+            if isinstance(item, str) and "--" in item:
+                local = item.split("--", 1)[1]
+                changed = True
+                fixed.append(local)
+            else:
+                fixed.append(item)
+        new_map[key] = fixed if isinstance(value, list) else fixed[0]
+    for item in _auto_map_refs({"auto_map": new_map}):
+        module = item.rsplit(".", 1)[0]
+        if f"{module.replace('.', '/')}.py" not in files:
+            problems.append(f"auto_map entry '{item}' needs {module}.py, which the base does not ship")
+    if not changed:
+        return None, problems
+    content = _copy_json(data)
+    content["auto_map"] = new_map
+    return content, problems
+
+
+def _kind_of(path: str) -> str:
+    for kind, patterns in LOADER_FILE_KINDS:
+        if any(fnmatch.fnmatch(path, p) for p in patterns):
+            return kind
+    return "file"
+
+
+def make_plan(
+    manifest: Manifest,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    diffs: dict[str, TensorDiff],
+    *,
+    base_json: dict[str, dict[str, Any]],
+    finetune_same_files: frozenset[str],
+    allow_untuned_changes: bool = False,
+) -> Plan:
+    """Decide every output file and tensor. `base_json` holds the base's parsed JSON files by path;
+    `finetune_same_files` lists the fine-tune files that are byte-identical to the base's."""
+    notes: list[str] = []
+    problems: list[str] = []
+    pick_dtype = output_dtype_for(manifest)
+    tuned = manifest.finetune.tuned
+    base_tensors = base.checkpoint.tensors
+    base_files = set(base.files)
+
+    if base.repo_id and base.revision and base.sha and base.revision != base.sha:
+        notes.append(f"base revision '{base.revision}' resolved to commit {base.sha}; the build uses and records the sha")
+
+    # --- tensors: where each one comes from -------------------------------------------------------------
+    for u in finetune.unmapped:
+        problems.append(f"fine-tune tensor {u.name} does not map onto the base: {u.reason}")
+    if finetune.renamed:
+        wrappers = sorted({ft.split(".", 1)[0] + "." for ft, b in finetune.base_names.items() if ft != b and not b.startswith(ft.split(".", 1)[0])})
+        notes.append(
+            f"{finetune.renamed} fine-tune tensor name(s) normalised onto the base's names"
+            + (f" (stripped or renamed: {', '.join(wrappers)})" if wrappers else "")
+        )
+    changed = {n for n, d in diffs.items() if d.state == "changed"}
+    different = {n for n, d in diffs.items() if d.state in ("changed", "vanished")}
+    unchanged = set(base_tensors) - different
+    suggested = suggest_prefixes(different, unchanged) if different else ()
+
+    take_from_finetune: set[str] = set()
+    if tuned is None:
+        if different:
+            problems.append(
+                "`finetune.tuned` is not declared; these prefixes changed: "
+                + ", ".join(suggested)
+                + f". Declare them: `tuned: [{', '.join(repr(p) for p in suggested)}]`"
+            )
+        else:
+            problems.append("the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast")
+    else:
+        for prefix in tuned:
+            if not any(n.startswith(prefix) for n in base_tensors):
+                problems.append(f"tuned prefix '{prefix}' matches no tensor of the base: check `finetune.tuned`")
+        untuned_changes = sorted(n for n in different if _under(n, tuned) is None)
+        if untuned_changes:
+            shown = ", ".join(untuned_changes[:8]) + (f" and {len(untuned_changes) - 8} more" if len(untuned_changes) > 8 else "")
+            where = suggest_prefixes(set(untuned_changes), unchanged)
+            if allow_untuned_changes:
+                notes.append(
+                    f"{len(untuned_changes)} tensor(s) outside `tuned` differ from the base ({shown}); "
+                    "taken from the base (--allow-untuned-changes)"
+                )
+            else:
+                problems.append(
+                    f"{len(untuned_changes)} tensor(s) outside `finetune.tuned` differ from the base "
+                    f"(under {', '.join(where)}: {shown}): that part was not frozen. Add the prefix to `tuned`, "
+                    "or pass --allow-untuned-changes to take those tensors from the base"
+                )
+        for name in sorted(changed):
+            if _under(name, tuned) is not None:
+                if diffs[name].nonfinite:
+                    problems.append(f"tuned tensor {name} contains NaN or Inf: the training diverged; use an earlier checkpoint")
+                else:
+                    take_from_finetune.add(name)
+    # --- per prefix summary ---------------------------------------------------------------------------
+    prefixes: list[PrefixSummary] = []
+    for prefix in tuned or suggested:
+        names = [n for n in base_tensors if n.startswith(prefix)]
+        ch = [diffs[n] for n in names if n in diffs and diffs[n].state == "changed"]
+        vanished = [n for n in names if n in diffs and diffs[n].state == "vanished"]
+        finite = [d for d in ch if not d.nonfinite]
+        prefixes.append(
+            PrefixSummary(
+                prefix=prefix,
+                tensors=len(names),
+                changed=len(ch),
+                vanished=len(vanished),
+                params_changed=sum(d.numel for d in ch),
+                max_abs=max((d.max_abs for d in finite), default=0.0),
+                rel=max((d.rel for d in finite), default=0.0),
+            )
+        )
+        if tuned is not None and names and not ch:
+            dtype = DTYPE_NAMES.get(pick_dtype(base_tensors[names[0]].dtype), "the output dtype")
+            why = f"{len(vanished)} tensor(s) changed only below {dtype} resolution" if vanished else "no tensor differs"
+            problems.append(
+                f"tuned prefix '{prefix}' is identical to the base ({why}): wrong checkpoint, or the change vanished in {dtype}"
+            )
+        absent = [n for n in names if n not in diffs]
+        if tuned is not None and absent and len(absent) < len(names):
+            notes.append(f"{len(absent)} tensor(s) under '{prefix}' are not in the fine-tune; taken from the base")
+
+    tensor_plans: list[TensorPlan] = []
+    weight_map = base.weight_map
+    for name, info in base_tensors.items():
+        from_ft = name in take_from_finetune
+        tensor_plans.append(
+            TensorPlan(
+                name=name,
+                shard=weight_map[name],
+                source="finetune" if from_ft else "base",
+                finetune_name=diffs[name].source if from_ft else None,
+                dtype=pick_dtype(info.dtype),
+                base_dtype=info.dtype,
+                shape=tuple(info.shape),
+            )
+        )
+    casts = Counter(
+        (diffs[t.name].finetune_dtype, t.dtype) for t in tensor_plans if t.source == "finetune" and diffs[t.name].finetune_dtype != t.dtype
+    )
+    for (src, dst), count in sorted(casts.items()):
+        notes.append(f"{count} tuned tensor(s) saved as {src}, cast to {dst} (the base's dtype)" if manifest.output.dtype == "base"
+                     else f"{count} tuned tensor(s) saved as {src}, cast to {dst} (output.dtype)")
+    whole_cast = Counter((t.base_dtype, t.dtype) for t in tensor_plans if t.base_dtype != t.dtype)
+    for (src, dst), count in sorted(whole_cast.items()):
+        notes.append(f"{count} tensor(s) cast from {src} to {dst} (output.dtype: {manifest.output.dtype})")
+
+    # --- files --------------------------------------------------------------------------------------------
+    files: list[FilePlan] = []
+    shards_rewritten = {t.shard for t in tensor_plans if t.source == "finetune" or t.dtype != t.base_dtype}
+    for shard in base.shard_names:
+        if shard in shards_rewritten:
+            n = sum(1 for t in tensor_plans if t.shard == shard and t.source == "finetune")
+            files.append(FilePlan(shard, "base", "rewrite-shard", f"{n} tuned tensor(s) from the fine-tune"))
+        else:
+            files.append(FilePlan(shard, "base", "copy", "no tuned tensor: byte-identical to the base"))
+    index_path = base.index_name
+    if index_path is not None:
+        if whole_cast:
+            index = _copy_json(base_json.get(index_path, {}))
+            total = sum(_nbytes(t) for t in tensor_plans)
+            index.setdefault("metadata", {})["total_size"] = total
+            files.append(FilePlan(index_path, "generated", "write-index", "total_size for the new dtype", index))
+        else:
+            files.append(FilePlan(index_path, "base", "copy", "the base's index"))
+
+    keep_files = set(manifest.finetune.keep_files)
+    for path in keep_files:
+        if path not in finetune.files:
+            problems.append(f"finetune.keep_files names {path}, which the fine-tune folder does not have")
+    json_out: dict[str, dict[str, Any]] = {}
+
+    # config.json: the base's, plus the keys the manifest keeps from the fine-tune
+    config_diff: list[ConfigDifference] = []
+    keep_config = set(manifest.finetune.keep_config)
+    if finetune.config and base.config:
+        base_flat, ft_flat = _flatten(base.config), _flatten(finetune.config)
+        for key in sorted(set(base_flat) | set(ft_flat)):
+            if key in VOLATILE_CONFIG_KEYS or key.startswith("auto_map"):
+                continue
+            b, f = base_flat.get(key), ft_flat.get(key)
+            if b == f:
+                continue
+            if key in DTYPE_KEYS or key.endswith(tuple("." + k for k in DTYPE_KEYS)):
+                decision = "base value kept (the training run's dtype)"
+            elif any(key == k or key.startswith(k + ".") for k in keep_config):
+                decision = "fine-tune value kept (finetune.keep_config)"
+            else:
+                decision = "base value kept (add to finetune.keep_config to keep the fine-tune's)"
+            config_diff.append(ConfigDifference(key, b, f, decision))
+        if any("--" in ref for ref in _auto_map_refs(finetune.config)):
+            notes.append(
+                "the fine-tune's config.json auto_map points at another repo's code ('repo--' prefix, whatever is on "
+                "that repo today): the output uses the pinned base's own code files"
+            )
+    for key in sorted(keep_config):
+        value = _get(finetune.config, key)
+        if value is None:
+            problems.append(f"finetune.keep_config names '{key}', which the fine-tune's config.json does not have")
+            continue
+        config = json_out.setdefault("config.json", _copy_json(base.config))
+        _set(config, key, value)
+        for cfg_key, proc_file, proc_key in CONFIG_PAIRS.get(str(base.config.get("model_type")), ()):
+            if cfg_key == key and proc_file in base_json and _get(base_json[proc_file], proc_key) is not None:
+                proc = json_out.setdefault(proc_file, _copy_json(base_json[proc_file]))
+                _set(proc, proc_key, value)
+                notes.append(f"{proc_file} {proc_key} set to {value!r} to agree with config.json {key}")
+
+    # every JSON with an auto_map must point at code that ships in the output
+    for path in sorted(base_json):
+        current = json_out.get(path, base_json[path])
+        localised, auto_problems = _localise_auto_map(current, base_files)
+        problems.extend(f"{path}: {p}" for p in auto_problems)
+        if localised is not None:
+            json_out[path] = localised
+            notes.append(f"{path}: auto_map 'repo--' prefixes removed; it now points at the local code files")
+
+    # known pairs must agree in the output
+    out_config = json_out.get("config.json", base.config)
+    for cfg_key, proc_file, proc_key in CONFIG_PAIRS.get(str(base.config.get("model_type")), ()):
+        proc = json_out.get(proc_file, base_json.get(proc_file))
+        if proc is None:
+            continue
+        a, b = _get(out_config, cfg_key), _get(proc, proc_key)
+        if a is not None and b is not None and a != b:
+            problems.append(
+                f"config.json {cfg_key}={a!r} but {proc_file} {proc_key}={b!r}: they must agree; "
+                f"keep both from the same source (finetune.keep_config / finetune.keep_files)"
+            )
+
+    weights = set(base.shard_names) | ({index_path} if index_path else set())
+    restored: list[tuple[str, str]] = []
+    for path in sorted(base_files):
+        if path in weights or path in GENERATED:
+            continue
+        if path in keep_files:
+            files.append(FilePlan(path, "finetune", "copy", "finetune.keep_files"))
+        elif path in json_out:
+            files.append(FilePlan(path, "generated", "write-json", "the base's file, adjusted (see notes)", json_out[path]))
+        else:
+            reason = "from the pinned base"
+            if path not in finetune.files:
+                restored.append((path, _kind_of(path)))
+                reason = "missing from the fine-tune: restored from the pinned base"
+            elif path not in finetune_same_files and path != ".gitattributes":
+                reason = "the fine-tune's copy differs: the pinned base's is used (finetune.keep_files keeps it)"
+            files.append(FilePlan(path, "base", "copy", reason))
+    for path in sorted(keep_files - base_files):
+        if path in finetune.files:
+            files.append(FilePlan(path, "finetune", "copy", "finetune.keep_files (not in the base)"))
+    files.append(FilePlan("README.md", "generated", "card", "model card rendered by hubsync"))
+    files.append(FilePlan("hubsync.json", "generated", "provenance", "how this folder was built"))
+
+    by_kind = Counter(kind for _, kind in restored)
+    for kind, count in sorted(by_kind.items()):
+        names = ", ".join(p for p, k in restored if k == kind)
+        if kind != "file":
+            notes.append(f"{kind} file(s) missing from the fine-tune, restored from the base: {names}")
+
+    dropped = []
+    stray = {p.relative_to(finetune.folder).as_posix() for p in finetune.checkpoint.stray_files}
+    for path in finetune.files:
+        if path in keep_files:
+            continue
+        if path in stray:
+            dropped.append(path)
+            notes.append(f"{path} is not listed in the fine-tune's index: ignored (stray shard)")
+        elif is_leftover(path):
+            dropped.append(path)
+        elif is_weight_file(path) or path in base_files:
+            continue
+        else:
+            dropped.append(path)
+    leftovers = [p for p in dropped if is_leftover(p)]
+    if leftovers:
+        notes.append(f"trainer leftovers left out: {', '.join(sorted(leftovers)[:6])}" + (" ..." if len(leftovers) > 6 else ""))
+
+    return Plan(
+        base_label=base.label,
+        base_repo=base.repo_id,
+        base_sha=base.sha,
+        base_revision=base.revision,
+        finetune_folder=str(finetune.folder),
+        output_dir=str(manifest.output.dir),
+        files=tuple(files),
+        tensors=tuple(tensor_plans),
+        prefixes=tuple(prefixes),
+        casts=tuple((a, b, n) for (a, b), n in sorted(casts.items())),
+        restored=tuple(restored),
+        dropped=tuple(sorted(dropped)),
+        config_diff=tuple(config_diff),
+        notes=tuple(notes),
+        problems=tuple(problems),
+        suggested_tuned=suggested,
+    )
+
+
+DTYPE_SIZES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _nbytes(t: TensorPlan) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n * DTYPE_SIZES.get(t.dtype, 1)
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def render(plan: Plan) -> str:
+    """The plan as a readable table."""
+    lines = [f"base      {plan.base_label}", f"finetune  {plan.finetune_folder}", f"output    {plan.output_dir}", ""]
+    lines.append("files")
+    width = max((len(f.path) for f in plan.files), default=10)
+    for f in plan.files:
+        lines.append(f"  {f.path:<{width}}  {f.source:<9}  {f.action:<13}  {f.reason}")
+    if plan.prefixes:
+        lines += ["", "tuned parts"]
+        lines.append(f"  {'prefix':<28} {'changed':>13} {'params':>9} {'max |Δ|':>10} {'rel Δ':>9}")
+        for p in plan.prefixes:
+            lines.append(
+                f"  {p.prefix:<28} {f'{p.changed}/{p.tensors}':>13} {_human(p.params_changed):>9} "
+                f"{p.max_abs:>10.3g} {p.rel:>9.3g}" + (f"  ({p.vanished} vanished in the cast)" if p.vanished else "")
+            )
+    tuned = plan.tuned_tensors
+    lines += ["", f"tensors   {len(plan.tensors)} in the output, {len(tuned)} from the fine-tune, "
+              f"{len(plan.tensors) - len(tuned)} byte-identical from the base"]
+    for t in tuned[:12]:
+        lines.append(f"  {t.name}  <- {t.finetune_name}  [{t.shard}]")
+    if len(tuned) > 12:
+        lines.append(f"  ... and {len(tuned) - 12} more (--json lists all)")
+    if plan.config_diff:
+        lines += ["", "config keys that differ (base -> fine-tune)"]
+        for c in plan.config_diff:
+            lines.append(f"  {c.key}: {c.base!r} -> {c.finetune!r}  {c.decision}")
+    if plan.dropped:
+        lines += ["", "left out of the output: " + ", ".join(plan.dropped)]
+    if plan.notes:
+        lines += ["", "notes"] + [f"  - {n}" for n in plan.notes]
+    if plan.problems:
+        lines += ["", "problems (the build stops)"] + [f"  ! {p}" for p in plan.problems]
+    else:
+        lines += ["", "ok: the plan breaks no rule"]
+    return "\n".join(lines)
+
+

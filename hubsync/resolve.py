@@ -1,0 +1,165 @@
+"""Resolve the base: a Hub repo at a revision becomes one commit sha and a local snapshot folder.
+
+The revision is resolved once; from then on only the sha is used and recorded, so a branch that moves during
+or after the build cannot change what was built (huggingface_hub's snapshot_download does the same).
+Files land in huggingface_hub's normal cache, so a second build downloads nothing and `HF_HUB_OFFLINE=1`
+works from the cache. `base.path` takes a local snapshot folder instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from hubsync.errors import BaseResolutionError
+from hubsync.manifest import BaseSpec
+from hubsync.tensors import Checkpoint, list_checkpoint
+
+log = logging.getLogger("hubsync")
+
+
+@dataclass(frozen=True)
+class BaseInventory:
+    """What the pinned base holds: its files, its tensors (from headers) and its config."""
+
+    repo_id: str | None
+    revision: str | None
+    sha: str | None
+    folder: Path
+    files: tuple[str, ...]
+    checkpoint: Checkpoint
+    config: dict[str, Any]
+
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard path relative to the snapshot."""
+        return {name: self.rel(info.file) for name, info in self.checkpoint.tensors.items()}
+
+    @property
+    def shard_names(self) -> tuple[str, ...]:
+        return tuple(self.rel(p) for p in self.checkpoint.files)
+
+    @property
+    def index_name(self) -> str | None:
+        return None if self.checkpoint.index_file is None else self.rel(self.checkpoint.index_file)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.folder).as_posix()
+
+    @property
+    def label(self) -> str:
+        return f"{self.repo_id}@{self.sha}" if self.repo_id else str(self.folder)
+
+
+def list_files(folder: Path) -> tuple[str, ...]:
+    """Every file under `folder`, as sorted repo-relative posix paths (no .git, no hidden cache folders)."""
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_dir() or rel.parts[0] in (".git", ".cache", ".huggingface"):
+            continue
+        found.append(rel.as_posix())
+    return tuple(sorted(found))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise BaseResolutionError(f"{path} is not valid JSON ({err}): re-download or fix it.") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
+    """Resolve `revision` to a sha and fetch that snapshot into the cache. Returns (sha, folder)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}"
+    try:
+        if _offline():
+            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            return folder.name, folder
+        sha = HfApi().repo_info(repo_id, revision=revision).sha
+        if sha is None:
+            raise BaseResolutionError(f"The Hub gave no commit sha for {where}: pin `base.revision` to a sha.")
+        folder = Path(snapshot_download(repo_id, revision=sha))
+        return sha, folder
+    except GatedRepoError:
+        raise BaseResolutionError(
+            f"{repo_id} is gated: accept its terms on the Hub with your account, then set HF_TOKEN."
+        ) from None
+    except RepositoryNotFoundError:
+        raise BaseResolutionError(
+            f"Base repo {repo_id} was not found: check `base.repo`, or set HF_TOKEN if it is private."
+        ) from None
+    except RevisionNotFoundError:
+        raise BaseResolutionError(
+            f"Revision '{revision}' does not exist in {repo_id}: check `base.revision` (a branch, tag or commit sha)."
+        ) from None
+    except LocalEntryNotFoundError:
+        if _offline():
+            raise BaseResolutionError(
+                f"{where} is not in the local cache and HF_HUB_OFFLINE=1: build once online, or unset HF_HUB_OFFLINE."
+            ) from None
+        raise BaseResolutionError(
+            f"Cannot reach the Hub to fetch {where}: check the network (or HF_ENDPOINT), "
+            "or build from the cache with HF_HUB_OFFLINE=1."
+        ) from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", "?")
+        raise BaseResolutionError(
+            f"The Hub answered HTTP {status} while fetching {where}: retry later, or check HF_TOKEN."
+        ) from None
+    except OSError as err:
+        raise BaseResolutionError(
+            f"Cannot reach the Hub to fetch {where} ({type(err).__name__}): check the network or HF_ENDPOINT, "
+            "or build from the cache with HF_HUB_OFFLINE=1."
+        ) from None
+
+
+def resolve_base(spec: BaseSpec) -> BaseInventory:
+    """Pin the base to a sha (or take a local folder) and read its file list, tensor headers and config."""
+    if spec.path is not None:
+        folder = spec.path
+        if not folder.is_dir():
+            raise BaseResolutionError(f"Base folder {folder} does not exist: check `base.path`.")
+        repo_id, revision, sha = None, None, None
+    else:
+        assert spec.repo is not None and spec.revision is not None  # guaranteed by the manifest schema
+        repo_id, revision = spec.repo, spec.revision
+        sha, folder = download_base(repo_id, revision)
+        if sha != revision:
+            log.info("base %s@%s resolved to commit %s", repo_id, revision, sha)
+    checkpoint = list_checkpoint(folder, error=BaseResolutionError)
+    if checkpoint.format != "safetensors":
+        raise BaseResolutionError(
+            f"The base {folder} has no safetensors weights (only {checkpoint.format}): hubsync keeps the base's "
+            "shards byte for byte and needs safetensors; use a revision of the base that has them."
+        )
+    return BaseInventory(
+        repo_id=repo_id,
+        revision=revision,
+        sha=sha,
+        folder=folder,
+        files=list_files(folder),
+        checkpoint=checkpoint,
+        config=read_json(folder / "config.json"),
+    )

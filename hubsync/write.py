@@ -1,0 +1,234 @@
+"""Write the output folder exactly as the plan says, streaming, into a staging folder swapped in at the end.
+
+An interrupted or failed build (a crash, a kill, a full disk) leaves the previous output untouched: nothing is
+written into `output.dir` itself; a staging folder beside it is filled, fsynced and then exchanged with the
+output in one rename. A stale staging folder from a killed build is removed by the next build. A file lock
+beside the output makes a second concurrent build into the same folder refuse at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hubsync import tensors as T
+from hubsync.errors import BuildError
+from hubsync.finetune import FinetuneInventory
+from hubsync.plan import FilePlan, Plan
+from hubsync.resolve import BaseInventory
+
+log = logging.getLogger("hubsync")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: str
+    sha256: str
+    size: int
+    source: str
+
+
+def json_bytes(content: dict[str, Any]) -> bytes:
+    """JSON as transformers writes it (2-space indent, key order kept, trailing newline), deterministic."""
+    return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output folder, held for the whole build."""
+
+    def __init__(self, output: Path) -> None:
+        from filelock import FileLock
+
+        self.output = output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(output.parent / f".{output.name}.hubsync.lock"), timeout=0)
+
+    def __enter__(self) -> OutputLock:
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise BuildError(
+                f"another hubsync build is writing {self.output} right now: wait for it to finish, "
+                "or build into another output.dir"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _staging_prefix(output: Path) -> str:
+    return f".{output.name}.hubsync-staging-"
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Staging folders left by a killed build (only ever called while holding the output lock)."""
+    for stale in output.parent.glob(_staging_prefix(output) + "*"):
+        log.debug("removing the staging folder of an interrupted build: %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return bool(result == 0)
+
+
+def swap_into_place(staging: Path, output: Path) -> None:
+    """Make `staging` the output. The old output is replaced in one step where the OS allows it."""
+    if not output.exists():
+        os.rename(staging, output)
+    elif _exchange(staging, output):
+        shutil.rmtree(staging)  # now holds the previous output
+    else:
+        # Fallback (non-Linux): two renames; a crash between them leaves the old build in `.old`, never a mix.
+        old = output.with_name(f".{output.name}.hubsync-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(output, old)
+        os.rename(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(output.parent)
+
+
+def _cached_sha256(src: Path) -> str | None:
+    """The Hub cache names an LFS blob by its sha256: reuse it instead of hashing gigabytes again."""
+    if src.is_symlink():
+        target = src.resolve()
+        if SHA256_RE.match(target.name) and target.stat().st_size == src.stat().st_size:
+            return target.name
+    return None
+
+
+def _rewrite_shard(
+    dest: Path, shard: str, plan: Plan, base: BaseInventory, finetune: FinetuneInventory
+) -> str:
+    import torch  # noqa: F401  (tensors casts need it loaded; imported here to keep the CLI light)
+
+    header = base.checkpoint.headers[base.folder / shard]
+    by_name = {t.name: t for t in plan.tensors if t.shard == shard}
+    entries = []
+    for name, info in header.tensors.items():
+        tp = by_name[name]
+        source: T.TensorSource
+        if tp.source == "finetune":
+            assert tp.finetune_name is not None
+            ft_info = finetune.checkpoint.tensors[tp.finetune_name]
+            source = _cast_loader(ft_info, tp.dtype)
+        elif tp.dtype != info.dtype:
+            source = _cast_loader(info, tp.dtype)
+        else:
+            source = info
+        entries.append(T.ShardEntry(name, tp.dtype, tuple(info.shape), source))
+    return T.write_shard(dest, entries, header.metadata, template=header)
+
+
+def _cast_loader(info: T.TensorRef, dtype: str) -> Callable[[], Any]:
+    def load() -> Any:
+        return T.load_tensor(info).to(T.torch_dtype(dtype)).contiguous()
+
+    return load
+
+
+def write_files(
+    staging: Path,
+    plan: Plan,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    *,
+    link: str,
+    card_text: str,
+) -> list[WrittenFile]:
+    """Write every planned file except hubsync.json into `staging`; return what was written."""
+    written: list[WrittenFile] = []
+    for item in plan.files:
+        if item.action == "provenance":
+            continue
+        dest = staging / item.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        sha = _write_one(item, dest, plan, base, finetune, link=link, card_text=card_text)
+        written.append(WrittenFile(item.path, sha, dest.stat().st_size, item.source))
+        log.debug("wrote %s (%s, %s)", item.path, item.source, item.action)
+    return written
+
+
+def _write_one(
+    item: FilePlan,
+    dest: Path,
+    plan: Plan,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    *,
+    link: str,
+    card_text: str,
+) -> str:
+    if item.action == "copy":
+        src = (base.folder if item.source == "base" else finetune.folder) / item.path
+        is_weight = item.path in {t.shard for t in plan.tensors}
+        T.copy_file(src, dest, mode="hardlink" if (link == "hardlink" and is_weight) else "copy")
+        return _cached_sha256(src) or T.sha256_file(dest)
+    if item.action == "rewrite-shard":
+        return _rewrite_shard(dest, item.path, plan, base, finetune)
+    if item.action in ("write-json", "write-index"):
+        assert item.content is not None
+        return _write_bytes(dest, json_bytes(item.content))
+    if item.action == "card":
+        return _write_bytes(dest, card_text.encode("utf-8"))
+    raise AssertionError(f"unknown action {item.action}")  # the planner only emits the actions above
+
+
+def _write_bytes(dest: Path, data: bytes) -> str:
+    import hashlib
+
+    try:
+        with open(dest, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno == 28:
+            raise BuildError(f"no space left on device writing {dest}: free some space or set output.dir elsewhere") from None
+        raise
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_json_atomic(path: Path, content: dict[str, Any]) -> str:
+    """Replace one JSON file atomically (used for hubsync.json after verification)."""
+    tmp = path.with_name(f".{path.name}.hubsync-tmp")
+    sha = _write_bytes(tmp, json_bytes(content))
+    os.replace(tmp, path)
+    return sha
+
+
+def new_staging(output: Path) -> Path:
+    staging = output.parent / f"{_staging_prefix(output)}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
