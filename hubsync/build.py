@@ -123,7 +123,9 @@ def card_inputs(prep: Prepared, verification: dict[str, Any] | None) -> CardInpu
     )
 
 
-def provenance(prep: Prepared, written: list[WrittenFile] | tuple[WrittenFile, ...]) -> dict[str, Any]:
+def provenance(
+    prep: Prepared, written: list[WrittenFile] | tuple[WrittenFile, ...], card: CardInputs
+) -> dict[str, Any]:
     """hubsync.json: how this folder was built. Deterministic: the same inputs give the same bytes."""
     plan = prep.plan
     return {
@@ -141,6 +143,7 @@ def provenance(prep: Prepared, written: list[WrittenFile] | tuple[WrittenFile, .
         "tuned_tensors": {t.name: {"from": t.finetune_name, "dtype": t.dtype, "shard": t.shard} for t in plan.tuned_tensors},
         "prefixes": [asdict(p) for p in plan.prefixes],
         "notes": list(plan.notes),
+        "card_inputs": asdict(card),
         "verification": None,
     }
 
@@ -161,11 +164,12 @@ def build(
         remove_stale_staging(output)
         staging = new_staging(output)
         try:
-            card_text = render_card(card_inputs(prep, verification=None))
+            card = card_inputs(prep, verification=None)
             written = write_files(
-                staging, prep.plan, prep.base, prep.finetune, link=prep.manifest.output.link, card_text=card_text
+                staging, prep.plan, prep.base, prep.finetune, link=prep.manifest.output.link,
+                card_text=render_card(card),
             )
-            record = provenance(prep, written)
+            record = provenance(prep, written, card)
             write_json_atomic(staging / PROVENANCE, record)
             swap_into_place(staging, output)
         except BaseException:

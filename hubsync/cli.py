@@ -119,11 +119,24 @@ def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes:
     from hubsync.plan import render
 
     result = run_build(manifest, allow_untuned_changes=allow_untuned_changes)
+    report = None
+    if not no_verify:
+        from hubsync.verify import render_report, verify as run_verify
+
+        report = run_verify(result.output)
     if as_json:
-        _echo_json({"output": str(result.output), "plan": result.plan.to_dict(), "record": result.record})
+        _echo_json({"output": str(result.output), "plan": result.plan.to_dict(),
+                    "verification": None if report is None else report.to_record({})})
     else:
         click.echo(render(result.plan))
         click.echo(f"\nbuilt {result.output}")
+        if report is not None:
+            click.echo(render_report(report))
+    if report is not None and not report.passed:
+        from hubsync.errors import VerifyError
+        from hubsync.verify import summary_line
+
+        raise VerifyError(f"the build in {result.output} failed verification: {summary_line(report)}")
 
 
 @cli.command()
@@ -131,7 +144,16 @@ def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes:
 @JSON_FLAG
 def verify(target: Path, as_json: bool) -> None:
     """Prove that a build loads and runs (on a GPU when there is one)."""
-    _not_built("verify", "issue #4")
+    from hubsync.errors import VerifyError
+    from hubsync.verify import render_report, summary_line, verify as run_verify
+
+    report = run_verify(target)
+    if as_json:
+        _echo_json(report.to_record({}))
+    else:
+        click.echo(render_report(report))
+    if not report.passed:
+        raise VerifyError(f"verification failed: {summary_line(report)}")
 
 
 @cli.command()
