@@ -159,9 +159,34 @@ def verify(target: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path), metavar="[MANIFEST]", required=False)
 @JSON_FLAG
-def push(manifest: Path | None, as_json: bool) -> None:
-    """Publish a verified build as one commit, uploading only what changed."""
-    _not_built("push", "issue #5")
+@click.option("--skip-verify-check", is_flag=True,
+              help="Push even if the verification is missing, failed or stale (the card says so).")
+@click.pass_context
+def push(ctx: click.Context, manifest: Path | None, as_json: bool, skip_verify_check: bool) -> None:
+    """Publish a verified build as one commit, uploading only what changed.
+
+    Without MANIFEST, pushes the last build made from this directory. The token comes from HF_TOKEN
+    (or `hf auth login`); HF_ENDPOINT selects another Hub.
+    """
+    from hubsync.push import push as run_push
+
+    result = run_push(manifest, skip_verify_check=skip_verify_check, quiet=ctx.obj["verbosity"] < 0)
+    if as_json:
+        _echo_json(result.to_dict())
+    elif result.up_to_date:
+        click.echo(f"{result.repo_id}@{result.revision} is already up to date ({(result.commit_sha or '')[:12]})")
+    else:
+        click.echo(f"pushed {result.repo_id}@{result.revision}: {result.commit_url or result.pr_url}")
+        click.echo(
+            f"  {len(result.uploaded)} file(s) uploaded ({result.bytes_uploaded:,} bytes), "
+            f"{len(result.copied)} copied server-side from the base ({result.bytes_copied:,} bytes), "
+            f"{len(result.unchanged)} unchanged, {len(result.deleted)} deleted; "
+            f"{result.bytes_in_build:,} bytes in the build"
+        )
+        if result.pr_url:
+            click.echo(f"  pull request: {result.pr_url}")
+        if result.tag:
+            click.echo(f"  tagged {result.tag}")
 
 
 @cli.command()
@@ -169,7 +194,10 @@ def push(manifest: Path | None, as_json: bool) -> None:
 @JSON_FLAG
 def status(manifest: Path | None, as_json: bool) -> None:
     """Has the base moved? Does the local build differ from the published repo?"""
-    _not_built("status", "issue #5")
+    from hubsync.push import render_status, status as run_status
+
+    data = run_status(manifest)
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else render_status(data))
 
 
 @cli.command()
