@@ -83,11 +83,13 @@ def _same_files(base: BaseInventory, finetune: FinetuneInventory) -> frozenset[s
 
 def prepare(manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prepared:
     """Everything up to and including the plan; writes nothing."""
-    manifest = load_manifest(manifest_path)
+    return prepare_manifest(load_manifest(manifest_path), manifest_path, allow_untuned_changes=allow_untuned_changes)
+
+
+def prepare_manifest(manifest: Manifest, manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prepared:
     base = resolve_base(manifest.base)
-    base_shapes = {name: tuple(info.shape) for name, info in base.checkpoint.tensors.items()}
-    finetune = read_finetune(manifest.finetune, base_shapes, base.config)
-    log.info("comparing %d fine-tune tensor(s) with the base", len(finetune.base_names))
+    finetune = read_finetune(manifest.finetune, base.checkpoint.tensors, base.config)
+    log.debug("comparing %d fine-tune tensor(s) with the base", len(finetune.base_names))
     diffs = compare(base, finetune, output_dtype_for(manifest))
     plan = make_plan(
         manifest,

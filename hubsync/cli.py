@@ -205,7 +205,16 @@ def status(manifest: Path | None, as_json: bool) -> None:
 @click.option("--base", "base", required=True, metavar="REPO[@REV]", help="The base model the fine-tune started from.")
 def doctor(finetune_dir: Path, base: str) -> None:
     """Diagnose a trainer output against its base and print a manifest that fixes it."""
-    _not_built("doctor", "issue #3")
+    from hubsync.doctor import diagnose
+
+    result = diagnose(finetune_dir, base)
+    click.echo(f"{finetune_dir} against {base}:", err=True)
+    for finding in result.findings:
+        click.echo(f"  - {finding}", err=True)
+    for problem in result.problems:
+        click.echo(f"  ! {problem}", err=True)
+    click.echo("\nA manifest for `hubsync build` (save it as manifest.yaml):\n", err=True)
+    click.echo(result.manifest_text, nl=False)
 
 
 @cli.command()

@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Mapping
 
 from hubsync.errors import FinetuneError
 from hubsync.manifest import FinetuneSpec, RenameRule
 from hubsync.resolve import list_files, read_json
-from hubsync.tensors import Checkpoint, list_checkpoint
+from hubsync.tensors import Checkpoint, TensorRef, list_checkpoint
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 
@@ -73,6 +74,8 @@ class FinetuneInventory:
     config: dict[str, Any]
     renamed: int = 0  # how many names needed more than the identity to match
     notes: tuple[str, ...] = field(default_factory=tuple)
+    derived_tuned: tuple[str, ...] | None = None  # tuned prefixes implied by the source (a PEFT adapter)
+    problems: tuple[str, ...] = field(default_factory=tuple)  # source-specific findings that stop the build
 
 
 def locate(spec: FinetuneSpec) -> Path:
@@ -193,17 +196,27 @@ def map_names(
     return mapping, tuple(offenders), renamed
 
 
-def read_finetune(spec: FinetuneSpec, base_shapes: dict[str, tuple[int, ...]], base_config: dict[str, Any]) -> FinetuneInventory:
-    """Read the fine-tune's tensor headers and map every name onto the base."""
+def read_finetune(
+    spec: FinetuneSpec, base_tensors: Mapping[str, TensorRef], base_config: dict[str, Any]
+) -> FinetuneInventory:
+    """Read the fine-tune's tensor headers (or adapter) and map every name onto the base."""
     folder = locate(spec)
-    checkpoint = list_checkpoint(folder)
+    notes: list[str] = []
+    problems: tuple[str, ...] = ()
+    derived: tuple[str, ...] | None = None
+    if spec.format == "peft" or (spec.format == "auto" and (folder / "adapter_config.json").is_file()):
+        from hubsync.adapters import read_adapter  # a PEFT adapter becomes computed, merged tensors
+
+        adapter = read_adapter(folder, base_tensors, base_config, spec)
+        checkpoint, derived, problems = adapter.checkpoint, adapter.tuned_prefixes, adapter.problems
+        notes.extend(adapter.notes)
+    else:
+        checkpoint = list_checkpoint(folder)
     if not checkpoint.tensors:
         raise FinetuneError(f"{folder} holds no tensors: point `finetune.path` at the trainer's output.")
     shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
+    base_shapes = {name: tuple(info.shape) for name, info in base_tensors.items()}
     mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, architecture_renames(base_config))
-    notes = []
-    if renamed:
-        notes.append(f"{renamed} tensor name(s) normalised onto the base's names (wrappers stripped or renamed)")
     return FinetuneInventory(
         folder=folder,
         checkpoint=checkpoint,
@@ -213,6 +226,8 @@ def read_finetune(spec: FinetuneSpec, base_shapes: dict[str, tuple[int, ...]], b
         config=read_json(folder / "config.json"),
         renamed=renamed,
         notes=tuple(notes),
+        derived_tuned=derived,
+        problems=problems,
     )
 
 

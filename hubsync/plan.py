@@ -248,13 +248,16 @@ def make_plan(
     notes: list[str] = []
     problems: list[str] = []
     pick_dtype = output_dtype_for(manifest)
-    tuned = manifest.finetune.tuned
+    # The manifest's `tuned` wins (it may narrow an adapter's); else what the source itself implies.
+    tuned = manifest.finetune.tuned if manifest.finetune.tuned is not None else finetune.derived_tuned
     base_tensors = base.checkpoint.tensors
     base_files = set(base.files)
 
     if base.repo_id and base.revision and base.sha and base.revision != base.sha:
         notes.append(f"base revision '{base.revision}' resolved to commit {base.sha}; the build uses and records the sha")
 
+    problems.extend(finetune.problems)
+    notes.extend(finetune.notes)
     # --- tensors: where each one comes from -------------------------------------------------------------
     for u in finetune.unmapped:
         problems.append(f"fine-tune tensor {u.name} does not map onto the base: {u.reason}")

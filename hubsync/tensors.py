@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BinTensorRef",
+    "ComputedTensor",
     "Checkpoint",
     "SafetensorsHeader",
     "ShardEntry",
@@ -379,7 +380,29 @@ class BinTensorRef:
         return math.prod(self.shape)
 
 
-TensorRef = Union[TensorInfo, BinTensorRef]
+@dataclass(frozen=True)
+class ComputedTensor:
+    """A tensor that exists only as a recipe (e.g. a LoRA merge W + s·B·A), computed when loaded.
+
+    `compute` must return a tensor of `dtype` and `shape`; it is called once per load and its result is not
+    kept, so memory stays at about the tensors the recipe itself needs."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    compute: Callable[[], torch.Tensor]
+    file: Path = Path("<computed>")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return dtype_nbytes(self.dtype, self.shape)
+
+
+TensorRef = Union[TensorInfo, BinTensorRef, ComputedTensor]
 
 
 @dataclass(frozen=True)
@@ -655,6 +678,11 @@ def load_tensor(info: TensorRef, *, error: ErrorType = FinetuneError) -> torch.T
     except ValueError as err:
         raise error(f"{info.file.name}: tensor {info.name}: {err}; re-save it as BF16, F16 or F32") from err
 
+    if isinstance(info, ComputedTensor):
+        value = info.compute()
+        if tuple(value.shape) != tuple(info.shape):
+            raise error(f"computed tensor {info.name} has shape {list(value.shape)}, expected {list(info.shape)}")
+        return value.to(dtype)
     if isinstance(info, BinTensorRef):
         value = _bin_cache.get(info.file, error).get(info.name)
         if not isinstance(value, torch.Tensor):
