@@ -1,0 +1,1 @@
+"""Test and demo support shipped with the package: a local Hub emulator and tiny deterministic models."""
