@@ -133,13 +133,18 @@ def architecture_renames(config: dict[str, Any]) -> tuple[Renaming, ...]:
         from transformers.core_model_loading import WeightRenaming
     except ImportError:  # an older transformers without the table: only the manifest's rules apply
         return ()
-    keys = [model_type, *[a for a in config.get("architectures", []) if isinstance(a, str)]]
+    architectures = [a for a in config.get("architectures", []) if isinstance(a, str)]
+    # The head class loads its inner model too (LlavaForConditionalGeneration -> LlavaModel), whose
+    # renames are registered under the inner class's name.
+    inner = [re.sub(r"For[A-Za-z]+$", "Model", a) for a in architectures]
     found: list[Renaming] = []
-    for key in keys:
+    for key in dict.fromkeys([model_type, *architectures, *inner]):
         for entry in get_checkpoint_conversion_mapping(key) or []:
             if isinstance(entry, WeightRenaming):
                 for source in entry.source_patterns:
-                    found.append(Renaming(source, entry.target_patterns[0]))
+                    rule = Renaming(source, entry.target_patterns[0])
+                    if rule not in found:
+                        found.append(rule)
     return tuple(found)
 
 
@@ -151,17 +156,24 @@ def _reverse(rule: Renaming) -> Renaming | None:
     return Renaming("^" + re.escape(rule.replacement), literal)
 
 
-def candidate_names(name: str, rules: tuple[RenameRule, ...], arch: tuple[Renaming, ...]) -> list[str]:
-    """Base names this fine-tune name may stand for, most likely first."""
+def candidate_names(name: str, rules: tuple[RenameRule, ...], arch: tuple[Renaming, ...], depth: int = 3) -> list[str]:
+    """Base names this fine-tune name may stand for, most likely first. transformers chains renames (an
+    outer class's rule, then the inner model's), so rules are applied repeatedly, in both directions."""
     stripped = strip_wrappers(name)
     for rule in rules:
         stripped = re.sub(rule.pattern, rule.replacement, stripped)
-    candidates = [stripped]
     both_ways = list(arch) + [r for r in (_reverse(a) for a in arch) if r is not None]
-    for renaming in both_ways:
-        renamed = re.sub(renaming.pattern, renaming.replacement, stripped, count=1)
-        if renamed != stripped and renamed not in candidates:
-            candidates.append(renamed)
+    candidates = [stripped]
+    frontier = [stripped]
+    for _ in range(depth):
+        next_frontier = []
+        for current in frontier:
+            for renaming in both_ways:
+                renamed = re.sub(renaming.pattern, renaming.replacement, current, count=1)
+                if renamed not in candidates:
+                    candidates.append(renamed)
+                    next_frontier.append(renamed)
+        frontier = next_frontier
     return candidates
 
 

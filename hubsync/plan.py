@@ -430,8 +430,15 @@ def make_plan(
             json_out[path] = localised
             notes.append(f"{path}: auto_map 'repo--' prefixes removed; it now points at the local code files")
 
+    if "config.json" in keep_files and finetune.config:
+        # A kept fine-tune config still must not point at another repo's code.
+        localised, _ = _localise_auto_map(finetune.config, base_files)
+        if localised is not None:
+            json_out["config.json"] = localised
+            notes.append("config.json (kept from the fine-tune): auto_map 'repo--' prefixes removed")
+
     # known pairs must agree in the output
-    out_config = json_out.get("config.json", base.config)
+    out_config = json_out.get("config.json", finetune.config if "config.json" in keep_files else base.config)
     for cfg_key, proc_file, proc_key in CONFIG_PAIRS.get(str(base.config.get("model_type")), ()):
         proc = json_out.get(proc_file, base_json.get(proc_file))
         if proc is None:
@@ -448,7 +455,9 @@ def make_plan(
     for path in sorted(base_files):
         if path in weights or path in GENERATED:
             continue
-        if path in keep_files:
+        if path in keep_files and path in json_out and path == "config.json":
+            files.append(FilePlan(path, "finetune", "write-json", "finetune.keep_files, auto_map made local", json_out[path]))
+        elif path in keep_files:
             files.append(FilePlan(path, "finetune", "copy", "finetune.keep_files"))
         elif path in json_out:
             files.append(FilePlan(path, "generated", "write-json", "the base's file, adjusted (see notes)", json_out[path]))

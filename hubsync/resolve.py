@@ -83,7 +83,7 @@ def _offline() -> bool:
 
 def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
     """Resolve `revision` to a sha and fetch that snapshot into the cache. Returns (sha, folder)."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -97,11 +97,10 @@ def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
         if _offline():
             folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
             return folder.name, folder
-        sha = HfApi().repo_info(repo_id, revision=revision).sha
-        if sha is None:
-            raise BaseResolutionError(f"The Hub gave no commit sha for {where}: pin `base.revision` to a sha.")
-        folder = Path(snapshot_download(repo_id, revision=sha))
-        return sha, folder
+        # One resolution, by snapshot_download itself: it records refs/<branch> in the cache (so that
+        # HF_HUB_OFFLINE=1 later finds the same commit) and names the snapshot folder by the commit sha.
+        folder = Path(snapshot_download(repo_id, revision=revision))
+        return folder.name, folder
     except GatedRepoError:
         raise BaseResolutionError(
             f"{repo_id} is gated: accept its terms on the Hub with your account, then set HF_TOKEN."

@@ -1100,7 +1100,9 @@ def copy_file(
         tmp = dst.with_name(f".{dst.name}.hubsync-link")
         _remove_partial(tmp)
         try:
-            os.link(src, tmp)  # follows a symlink in src: links the cache blob, not the link
+            # Resolve first: os.link may link the symlink itself (the HF cache's links are relative, so a
+            # linked link would dangle); the blob is what must be shared.
+            os.link(src.resolve(), tmp)
         except OSError as err:
             if err.errno not in _LINK_FALLBACK_ERRNOS:
                 raise BuildError(f"cannot hardlink {src} to {dst}: {err.strerror or err}") from err
