@@ -80,6 +80,10 @@ def _status_of(err: BaseException) -> int | None:
 
 
 def _is_transient(err: BaseException) -> bool:
+    # huggingface_hub wraps a failed LFS upload in a RuntimeError whose cause is the HTTP error.
+    cause = err.__cause__ or err.__context__
+    if isinstance(err, RuntimeError) and cause is not None and cause is not err:
+        return _is_transient(cause)
     status = _status_of(err)
     if status is not None:
         return status == 429 or status >= 500
@@ -98,7 +102,7 @@ def _retry_after(err: BaseException, attempt: int) -> float:
         return min(0.5 * 2**attempt, 30.0)
 
 
-def with_retries(what: str, call: Callable[[], R], *, sleep: Callable[[float], None] = time.sleep) -> R:
+def with_retries(what: str, call: Callable[[], R], *, sleep: Callable[[float], None] | None = None) -> R:
     """Retry a Hub call on 429 (honouring Retry-After), 5xx and dropped connections, with backoff."""
     for attempt in range(RETRIES + 1):
         try:
@@ -108,7 +112,7 @@ def with_retries(what: str, call: Callable[[], R], *, sleep: Callable[[float], N
                 raise
             delay = _retry_after(err, attempt)
             log.warning("%s: transient error (%s); retrying in %.1fs", what, _describe(err), delay)
-            sleep(delay)
+            (sleep or time.sleep)(delay)
     raise AssertionError("unreachable")
 
 

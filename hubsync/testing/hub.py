@@ -7,7 +7,7 @@ Tests and the demo run against it instead of huggingface.co. It speaks the subse
 Stdlib only on purpose: test fixtures import this module *before* setting ``HF_ENDPOINT``, and the client reads
 that variable once, at import, so importing ``huggingface_hub`` here would pin the wrong endpoint.
 
-Design notes (see also ``docs`` in the repository):
+Design notes:
 
 * Two ports. The API port answers everything that carries a token; LFS bytes are served and received on a second
   "CDN" port through HMAC-signed URLs, as production does. The client follows a ``resolve`` redirect only when it
@@ -104,12 +104,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _PR_REF = re.compile(r"^refs/pr/(\d+)$")
 
 # The default .gitattributes of a new Hub repo (abridged): these patterns decide "lfs" vs "regular" on preupload.
+# A word list, because as a literal the formatter would spread it over 36 lines.
 _LFS_PATTERNS = tuple(
     """
     *.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gguf *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz
     *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* *.tar.* *.tar *.tflite
     *.tgz *.wasm *.xz *.zip *.zst *tfevents*
-    """.split()
+    """.split()  # noqa: SIM905
 )
 DEFAULT_GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in _LFS_PATTERNS)
 
