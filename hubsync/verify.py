@@ -62,7 +62,7 @@ class Report:
     def add(self, name: str, ok: bool | None, detail: str, evidence: list[str] | None = None, **figures: Any) -> Check:
         check = Check(name, ok, detail, evidence or [], figures)
         self.checks.append(check)
-        log.info("%s %s: %s", {True: "pass", False: "FAIL", None: "skip"}[ok], name, detail)
+        log.debug("%s %s: %s", {True: "pass", False: "FAIL", None: "skip"}[ok], name, detail)
         return check
 
     def to_record(self, files: dict[str, str]) -> dict[str, Any]:
