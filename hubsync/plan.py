@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -322,7 +323,8 @@ def make_plan(
                 vanished=len(vanished),
                 params_changed=sum(d.numel for d in ch),
                 max_abs=max((d.max_abs for d in finite), default=0.0),
-                rel=max((d.rel for d in finite), default=0.0),
+                # a zero base tensor (a fresh bias) has no relative change: leave it out of the max
+                rel=max((d.rel for d in finite if math.isfinite(d.rel)), default=0.0),
             )
         )
         if tuned is not None and names and not ch:

@@ -69,6 +69,10 @@ def find_build(target: Path | None) -> Path:
 
 
 def _api() -> Any:
+    from hubsync.resolve import _offline
+
+    if _offline():
+        raise PushError("HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE.")
     from huggingface_hub import HfApi
 
     return HfApi()

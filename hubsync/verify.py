@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -335,7 +336,8 @@ def check_weights(subject: Subject, report: Report) -> None:
         d = deltas.setdefault(prefix, {"tensors": 0, "max_abs": 0.0, "rel": 0.0})
         d["tensors"] += 1
         d["max_abs"] = max(d["max_abs"], max_abs)
-        d["rel"] = max(d["rel"], rel)
+        if math.isfinite(rel):  # a zero base tensor has no relative change
+            d["rel"] = max(d["rel"], rel)
         del out_t, base_t
     report.add("no NaN or Inf", not nonfinite,
                f"NaN or Inf in {len(nonfinite)} tuned tensor(s): {', '.join(nonfinite[:5])}" if nonfinite
