@@ -149,7 +149,7 @@ def render_card(inputs: CardInputs) -> str:
     if "license_link" in meta or meta.get("license") == "other":
         link = meta.get("license_link")
         license_section = (
-            f"\n## License\n\nThis model keeps the base model's license terms"
+            "\n## License\n\nThis model keeps the base model's license terms"
             + (f" ({meta.get('license_name')})" if meta.get("license_name") else "")
             + (f": see [{link}]({link})." if link else ".")
             + "\n"

@@ -36,10 +36,12 @@ class TensorDiff:
 
 
 def _compare_one(
-    name: str, source: str, base_info: T.TensorInfo, ft_info: T.TensorInfo, out_dtype: str
+    name: str, source: str, base_info: T.TensorRef, ft_info: T.TensorRef, out_dtype: str
 ) -> TensorDiff:
     numel = base_info.numel
-    if ft_info.dtype == base_info.dtype == out_dtype and isinstance(ft_info, T.TensorInfo):
+    if ft_info.dtype == base_info.dtype == out_dtype and isinstance(ft_info, T.TensorInfo) and isinstance(
+        base_info, T.TensorInfo
+    ):
         if T.tensor_bytes_equal(base_info, ft_info):
             return TensorDiff(name, source, "same", ft_info.dtype, out_dtype, numel)
     import torch

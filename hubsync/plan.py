@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -479,9 +478,9 @@ def make_plan(
 
     by_kind = Counter(kind for _, kind in restored)
     for kind, count in sorted(by_kind.items()):
-        names = ", ".join(p for p, k in restored if k == kind)
+        restored_names = ", ".join(p for p, k in restored if k == kind)
         if kind != "file":
-            notes.append(f"{kind} file(s) missing from the fine-tune, restored from the base: {names}")
+            notes.append(f"{kind} file(s) missing from the fine-tune, restored from the base: {restored_names}")
 
     dropped = []
     stray = {p.relative_to(finetune.folder).as_posix() for p in finetune.checkpoint.stray_files}

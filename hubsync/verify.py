@@ -317,7 +317,8 @@ def check_weights(subject: Subject, report: Report) -> None:
         if name not in tuned:
             if o.file.name in identical_shards and o.dtype == b.dtype:
                 continue
-            if o.dtype == b.dtype and not T.tensor_bytes_equal(b, o):
+            same_bytes = isinstance(b, T.TensorInfo) and isinstance(o, T.TensorInfo) and T.tensor_bytes_equal(b, o)
+            if o.dtype == b.dtype and not same_bytes:
                 untuned_bad.append(name)
             continue
         out_t = T.load_tensor(o)
