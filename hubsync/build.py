@@ -88,7 +88,9 @@ def prepare(manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prep
 
 def prepare_manifest(manifest: Manifest, manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prepared:
     base = resolve_base(manifest.base)
-    finetune = read_finetune(manifest.finetune, base.checkpoint.tensors, base.config)
+    finetune = read_finetune(
+        manifest.finetune, base.checkpoint.tensors, base.config, base_repo=base.repo_id, base_revision=base.sha
+    )
     log.debug("comparing %d fine-tune tensor(s) with the base", len(finetune.base_names))
     diffs = compare(base, finetune, output_dtype_for(manifest))
     plan = make_plan(
@@ -140,7 +142,10 @@ def provenance(
             "sha": prep.base.sha,
             "path": None if prep.base.repo_id else str(prep.base.folder),
         },
-        "finetune": {"folder": str(prep.finetune.folder), "format": prep.finetune.checkpoint.format},
+        "finetune": {
+            "folder": str(prep.finetune.folder),
+            "format": "peft" if prep.finetune.derived_tuned is not None else prep.finetune.checkpoint.format,
+        },
         "files": {w.path: {"sha256": w.sha256, "size": w.size, "source": w.source} for w in sorted(written, key=lambda w: w.path)},
         "tuned_tensors": {t.name: {"from": t.finetune_name, "dtype": t.dtype, "shard": t.shard} for t in plan.tuned_tensors},
         "prefixes": [asdict(p) for p in plan.prefixes],

@@ -79,7 +79,83 @@ class FinetuneInventory:
 
 
 def locate(spec: FinetuneSpec) -> Path:
-    """The folder that holds the weights: the fine-tune folder itself, or one of its `checkpoint-N`."""
+    """The folder that holds the weights: the fine-tune folder itself, the `checkpoint-N` named by
+    `finetune.checkpoint` (default: the newest), or the consolidated copy of a DeepSpeed ZeRO checkpoint.
+
+    A folder that holds both full weights and a PEFT adapter is refused until `finetune.format` says which.
+    A ZeRO checkpoint without consolidated weights (`global_stepN/` shards, a `latest` file) is converted with
+    deepspeed's own `zero_to_fp32` when deepspeed is installed, into `hubsync-zero-to-fp32-<tag>/` inside the
+    checkpoint; without deepspeed the error gives the command that converts it.
+    """
+    import inspect
+    import shutil
+
+    def weights_in(path: Path) -> bool:
+        return any(is_weight_file(p.name) and not p.name.startswith("adapter_model") for p in path.iterdir() if p.is_file())
+
+    def zero_tag(path: Path) -> str | None:
+        latest = path / "latest"
+        tags = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
+        tag = latest.read_text().strip() if latest.is_file() else (tags[-1] if tags else None)
+        if tag is None or not (path / tag).is_dir():
+            return None
+        shards = [p.name for p in (path / tag).iterdir()]
+        return tag if any(n.endswith("_model_states.pt") or "zero_pp_rank_" in n for n in shards) else None
+
+    def consolidate(path: Path, tag: str) -> Path:
+        out = path / f"hubsync-zero-to-fp32-{tag}"
+        if any(is_weight_file(p.name) for p in out.glob("*")):
+            return out  # converted by an earlier build
+        script = path / "zero_to_fp32.py"
+        command = (f"python {script} {path} {out} --safe_serialization" if script.is_file()
+                   else f"python -m deepspeed.utils.zero_to_fp32 {path} {out} --safe_serialization")
+        try:
+            from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+        except ImportError:
+            raise FinetuneError(
+                f"{path} holds a DeepSpeed ZeRO checkpoint ({tag}/) without consolidated weights, and deepspeed is "
+                f"not installed to convert it: run `{command}` where deepspeed is installed, then set "
+                f"`finetune.path` to {out}"
+            ) from None
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        try:
+            if "output_dir" in inspect.signature(convert_zero_checkpoint_to_fp32_state_dict).parameters:
+                convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out), tag=tag, safe_serialization=True)
+            else:  # deepspeed before 0.14 writes one pickled file
+                convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out / "pytorch_model.bin"), tag=tag)
+        except Exception as err:  # deepspeed raises assorted types for a damaged or partial checkpoint
+            shutil.rmtree(out, ignore_errors=True)
+            raise FinetuneError(
+                f"deepspeed could not convert the ZeRO checkpoint {path / tag} ({err}); run `{command}` by hand"
+            ) from err
+        for item in path.iterdir():  # config and tokenizer travel with the weights; leftovers stay behind
+            if item.is_file() and not is_weight_file(item.name) and not is_leftover(item.name):
+                shutil.copyfile(item, out / item.name)
+        return out
+
+    def weights_folder(path: Path) -> Path:
+        has_adapter = (path / "adapter_config.json").is_file()
+        has_weights = weights_in(path)
+        if spec.format == "peft":
+            if not has_adapter:
+                raise FinetuneError(f"`finetune.format` is peft, but {path} has no adapter_config.json: check `finetune.path`.")
+            return path
+        if has_weights and has_adapter and spec.format == "auto":
+            raise FinetuneError(
+                f"{path} holds both full model weights and a PEFT adapter (adapter_config.json): say which one to "
+                "build from with `finetune.format: full` or `finetune.format: peft`."
+            )
+        if has_weights or (has_adapter and spec.format == "auto"):
+            return path
+        tag = zero_tag(path)
+        if tag is not None:
+            return consolidate(path, tag)
+        raise FinetuneError(
+            f"{path} holds no weights (*.safetensors, pytorch_model*.bin or a PEFT adapter) and no checkpoint-N "
+            "folder: point `finetune.path` at the trainer's output folder."
+        )
+
     folder = spec.path
     if not folder.is_dir():
         raise FinetuneError(f"Fine-tune folder {folder} does not exist: check `finetune.path`.")
@@ -87,20 +163,16 @@ def locate(spec: FinetuneSpec) -> Path:
         chosen = folder / spec.checkpoint
         if not chosen.is_dir():
             raise FinetuneError(f"{chosen} does not exist: check `finetune.checkpoint`.")
-        return chosen
-    has_weights = any(is_weight_file(p.name) for p in folder.iterdir() if p.is_file())
-    if has_weights:
-        return folder
+        return weights_folder(chosen)
+    if weights_in(folder) or (folder / "adapter_config.json").is_file() or zero_tag(folder) is not None:
+        return weights_folder(folder)
     checkpoints = sorted(
         (p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
         key=lambda p: int(p.name.split("-")[1]),
     )
     if checkpoints:
-        return checkpoints[-1]
-    raise FinetuneError(
-        f"{folder} holds no weights (*.safetensors or pytorch_model*.bin) and no checkpoint-N folder: "
-        "point `finetune.path` at the trainer's output folder."
-    )
+        return weights_folder(checkpoints[-1])
+    return weights_folder(folder)
 
 
 def strip_wrappers(name: str) -> str:
@@ -209,7 +281,12 @@ def map_names(
 
 
 def read_finetune(
-    spec: FinetuneSpec, base_tensors: Mapping[str, TensorRef], base_config: dict[str, Any]
+    spec: FinetuneSpec,
+    base_tensors: Mapping[str, TensorRef],
+    base_config: dict[str, Any],
+    *,
+    base_repo: str | None = None,
+    base_revision: str | None = None,
 ) -> FinetuneInventory:
     """Read the fine-tune's tensor headers (or adapter) and map every name onto the base."""
     folder = locate(spec)
@@ -219,7 +296,7 @@ def read_finetune(
     if spec.format == "peft" or (spec.format == "auto" and (folder / "adapter_config.json").is_file()):
         from hubsync.adapters import read_adapter  # a PEFT adapter becomes computed, merged tensors
 
-        adapter = read_adapter(folder, base_tensors, base_config, spec)
+        adapter = read_adapter(folder, base_tensors, base_config, spec, base_repo=base_repo, base_revision=base_revision)
         checkpoint, derived, problems = adapter.checkpoint, adapter.tuned_prefixes, adapter.problems
         notes.extend(adapter.notes)
     else:

@@ -97,7 +97,9 @@ class Subject:
 
     @property
     def tuned_prefixes(self) -> tuple[str, ...]:
-        return tuple(self.record.get("manifest", {}).get("finetune", {}).get("tuned") or ())
+        declared = self.record.get("manifest", {}).get("finetune", {}).get("tuned")
+        # an adapter implies its tuned parts; the plan recorded them per prefix
+        return tuple(declared or (p["prefix"] for p in self.record.get("prefixes", [])))
 
 
 def load_subject(target: Path) -> Subject:
@@ -305,7 +307,14 @@ def check_weights(subject: Subject, report: Report) -> None:
     tuned = subject.record.get("tuned_tensors", {})
     ft = None
     if tuned and subject.finetune_folder is not None:
-        ft = T.list_checkpoint(subject.finetune_folder, error=VerifyError)
+        if (subject.finetune_folder / "adapter_config.json").is_file():
+            from hubsync.adapters import read_adapter  # the merged tensors are recomputed from the adapter
+            from hubsync.resolve import read_json
+
+            base_config = read_json(subject.base_folder / "config.json")
+            ft = read_adapter(subject.finetune_folder, base.tensors, base_config).checkpoint
+        else:
+            ft = T.list_checkpoint(subject.finetune_folder, error=VerifyError)
     base_shard_sha = {p.name: _cached_sha(p) for p in base.files}
     identical_shards = {
         p.name for p in out.files if base_shard_sha.get(p.name) and _file_sha(subject.record, p.name) == base_shard_sha[p.name]
