@@ -499,3 +499,16 @@ def test_doctor_diagnoses_and_prints_a_manifest_that_builds(
     built = subprocess.run([sys.executable, "-m", "hubsync", "-q", "build", "manifest.yaml"], env=env,
                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert built.returncode == 0, built.stderr
+
+
+def test_pytorch_bin_fine_tune_builds(
+    tmp_path: Path, published_remote_base: PublishedModel, trainer_output_factory: Any
+) -> None:
+    ft = trainer_output_factory("remote")
+    state = load_file(str(ft / "model.safetensors"))
+    torch.save(state, ft / "pytorch_model.bin")
+    (ft / "model.safetensors").unlink()
+    manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
+    out = build(manifest, record_last_build=False).output
+    assert_build_is_faithful(out, published_remote_base.local_dir, ft, REMOTE_TUNED)
+    assert not (out / "pytorch_model.bin").exists()
