@@ -7,6 +7,7 @@ their casts at a time; tensors saved in the base's dtype are compared byte by by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -46,24 +47,41 @@ def _compare_one(
             return TensorDiff(name, source, "same", ft_info.dtype, out_dtype, numel)
     import torch
 
-    base = T.load_tensor(base_info)
-    tuned = T.load_tensor(ft_info)
-    is_float = tuned.is_floating_point()
-    nonfinite = bool(is_float and T.has_nan_or_inf(tuned))
-    output = tuned.to(T.torch_dtype(out_dtype))
-    base_out = base.to(T.torch_dtype(out_dtype))
-    same_in_output = bool(torch.equal(output.view(-1), base_out.view(-1))) if not nonfinite else False
-    if same_in_output:
-        seen_in_training = base.to(tuned.dtype)
-        if torch.equal(seen_in_training.view(-1), tuned.view(-1)):
-            return TensorDiff(name, source, "same", ft_info.dtype, out_dtype, numel)
-        return TensorDiff(name, source, "vanished", ft_info.dtype, out_dtype, numel)
-    if not nonfinite and tuned.dtype != base.dtype:
-        seen_in_training = base.to(tuned.dtype)
-        if torch.equal(seen_in_training.view(-1), tuned.view(-1)):
-            return TensorDiff(name, source, "roundtrip", ft_info.dtype, out_dtype, numel)
-    max_abs, rel = T.delta_stats(base, output) if is_float and not nonfinite else (float("nan"), float("nan"))
-    return TensorDiff(name, source, "changed", ft_info.dtype, out_dtype, numel, nonfinite, max_abs, rel)
+    out = T.torch_dtype(out_dtype)
+    seen_all = out_all = True
+    nonfinite = False
+    max_abs = diff_sq = base_sq = 0.0
+    # Chunk by chunk, so that memory stays at a few chunks even for a 500 MB embedding matrix.
+    for b, t in zip(T.iter_tensor_chunks(base_info), T.iter_tensor_chunks(ft_info)):
+        seen = b.to(t.dtype)  # the base as the training run saw it
+        seen_equal = torch.equal(seen, t)
+        o = t.to(out)
+        bo = b.to(out)
+        out_equal = seen_equal and (seen.dtype == t.dtype == out or torch.equal(o, bo)) or (
+            not seen_equal and torch.equal(o, bo)  # NaN is never equal, so equal chunks hold none
+        )
+        seen_all &= seen_equal
+        out_all &= out_equal
+        if not t.is_floating_point():
+            continue
+        b32 = bo.float()
+        base_sq += float(torch.linalg.vector_norm(b32)) ** 2
+        if not out_equal and not seen_equal:
+            if T.has_nan_or_inf(t):
+                nonfinite = True
+                continue
+            d = o.float() - b32
+            max_abs = max(max_abs, float(d.abs().max()))
+            diff_sq += float(torch.linalg.vector_norm(d)) ** 2
+    if out_all:
+        state: State = "same" if seen_all else "vanished"
+        return TensorDiff(name, source, state, ft_info.dtype, out_dtype, numel)
+    if seen_all:
+        return TensorDiff(name, source, "roundtrip", ft_info.dtype, out_dtype, numel)
+    if nonfinite:
+        return TensorDiff(name, source, "changed", ft_info.dtype, out_dtype, numel, True, math.nan, math.nan)
+    rel = math.sqrt(diff_sq) / math.sqrt(base_sq) if base_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
+    return TensorDiff(name, source, "changed", ft_info.dtype, out_dtype, numel, False, max_abs, rel)
 
 
 def iter_diffs(

@@ -305,7 +305,9 @@ def read_finetune(
         raise FinetuneError(f"{folder} holds no tensors: point `finetune.path` at the trainer's output.")
     shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
     base_shapes = {name: tuple(info.shape) for name, info in base_tensors.items()}
-    mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, architecture_renames(base_config))
+    mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, ())
+    if unmapped:  # only then is transformers' rename table worth its import (seconds, hundreds of MB)
+        mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, architecture_renames(base_config))
     return FinetuneInventory(
         folder=folder,
         checkpoint=checkpoint,
