@@ -20,7 +20,7 @@ from hubsync.errors import BuildError
 from hubsync.finetune import FinetuneInventory, is_weight_file, read_finetune
 from hubsync.manifest import Manifest, load_manifest
 from hubsync.plan import Plan, make_plan, output_dtype_for
-from hubsync.resolve import BaseInventory, resolve_base
+from hubsync.resolve import BaseInventory, read_json_files, resolve_base
 from hubsync.write import (
     OutputLock,
     WrittenFile,
@@ -56,18 +56,8 @@ class BuildResult:
 
 
 def _read_base_json(base: BaseInventory) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    for path in base.files:
-        full = base.folder / path
-        if not path.endswith(".json") or (full.stat().st_size > MAX_JSON_BYTES and path != base.index_name):
-            continue
-        try:
-            data = json.loads(full.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            found[path] = data
-    return found
+    index = [base.index_name] if base.index_name else []
+    return read_json_files(base.folder, base.files, max_bytes=MAX_JSON_BYTES, always=index)
 
 
 def _same_files(base: BaseInventory, finetune: FinetuneInventory) -> frozenset[str]:

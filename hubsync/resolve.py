@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterable
 
 from hubsync.errors import BaseResolutionError
 from hubsync.manifest import BaseSpec
@@ -75,6 +76,26 @@ def read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise BaseResolutionError(f"{path} is not valid JSON ({err}): re-download or fix it.") from None
     return data if isinstance(data, dict) else {}
+
+
+def read_json_files(
+    folder: Path, paths: Iterable[str], *, max_bytes: int = 5_000_000, always: Iterable[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """The JSON objects among `paths` (repo-relative), skipping large files (tokenizer.json) unless named in
+    `always`, and files that are not JSON objects."""
+    keep = set(always)
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(paths):
+        full = folder / path
+        if not path.endswith(".json") or (full.stat().st_size > max_bytes and path not in keep):
+            continue
+        try:
+            data = json.loads(full.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            found[path] = data
+    return found
 
 
 def _offline() -> bool:

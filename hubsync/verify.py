@@ -155,17 +155,10 @@ def pick_device(requested: str) -> str:
 
 
 def _json_files(folder: Path) -> dict[str, dict[str, Any]]:
-    found = {}
-    for path in sorted(folder.glob("*.json")):
-        if path.name == PROVENANCE or path.stat().st_size > 5_000_000:
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            found[path.name] = data
-    return found
+    from hubsync.resolve import read_json_files
+
+    names = [p.name for p in folder.glob("*.json") if p.name != PROVENANCE]
+    return read_json_files(folder, names)
 
 
 def check_files(subject: Subject, report: Report) -> None:
