@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from hubsync import __version__, ci
-from hubsync.errors import HubsyncError, ManifestError, NotImplementedYet
+from hubsync.errors import HubsyncError, ManifestError
 
 log = logging.getLogger("hubsync")
 
@@ -40,10 +40,6 @@ def _configure_logging(verbosity: int) -> None:
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _not_built(command: str, issue: str) -> NoReturn:
-    raise NotImplementedYet(f"`hubsync {command}` is not built yet ({issue}).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

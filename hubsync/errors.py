@@ -22,12 +22,6 @@ class HubsyncError(Exception):
         return " ".join(text.split())
 
 
-class NotImplementedYet(HubsyncError):
-    """A command that exists in the CLI but is not built yet."""
-
-    exit_code = 2
-
-
 class ManifestError(HubsyncError):
     """The manifest cannot be read or is invalid. Carries every problem found, each with its location."""
 
