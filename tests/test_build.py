@@ -512,3 +512,29 @@ def test_pytorch_bin_fine_tune_builds(
     out = build(manifest, record_last_build=False).output
     assert_build_is_faithful(out, published_remote_base.local_dir, ft, REMOTE_TUNED)
     assert not (out / "pytorch_model.bin").exists()
+
+
+def test_plan_cli_table_and_json(
+    tmp_path: Path, hub: Any, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
+    import subprocess
+    import sys
+
+    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
+    env = {**os.environ, **hub.client_env(tmp_path / "hf")}
+    table = subprocess.run([sys.executable, "-m", "hubsync", "plan", str(manifest)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    assert "model-00003-of-00003.safetensors  base       rewrite-shard  50 tuned tensor(s) from the fine-tune" in table.stdout
+    assert table.stdout.rstrip().endswith("ok: the plan breaks no rule")
+    as_json = subprocess.run([sys.executable, "-m", "hubsync", "plan", "--json", str(manifest)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    plan = json.loads(as_json.stdout)
+    assert plan["base_sha"] == published_remote_base.sha and plan["problems"] == []
+    assert {p["prefix"] for p in plan["prefixes"]} == set(REMOTE_TUNED)
+    assert len([t for t in plan["tensors"] if t["source"] == "finetune"]) == 50
+    assert not (tmp_path / "out").exists(), "plan must not write anything"
+    broken = write_manifest(tmp_path, published_remote_base, remote_trainer_output, None, name="broken.yaml")
+    refused = subprocess.run([sys.executable, "-m", "hubsync", "plan", str(broken)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "! `finetune.tuned` is not declared" in refused.stdout

@@ -314,3 +314,24 @@ def test_unverified_build_is_refused_unless_skipped(
     card = hub.list_files(repo_id)["README.md"]
     assert isinstance(card, bytes) and b"Published with `--skip-verify-check`" in card
     assert T.sha256_file(tmp_path / "out" / "README.md")  # the local card is left as it was
+
+
+def test_status_cli(tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path) -> None:
+    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
+    before = run_cli(["status", str(manifest)], hub, tmp_path)
+    assert before.returncode == 0, before.stderr
+    assert f"remote  {repo_id}@main does not exist yet: `hubsync push` creates it" in before.stdout
+    assert f"base    {published_remote_base.repo_id}@{published_remote_base.sha} still at the pinned" in before.stdout
+    push(manifest)
+    after = run_cli(["status", "--json", str(manifest)], hub, tmp_path)
+    data = json.loads(after.stdout)
+    assert data["remote"]["in_sync"] is True and data["remote"]["head"] == hub.branch_head(repo_id)
+    env_offline = subprocess.run(
+        [sys.executable, "-m", "hubsync", "push", str(manifest)],
+        env={**os.environ, **hub.client_env(tmp_path / "hf-off"), "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert env_offline.returncode == 1
+    assert env_offline.stderr.strip() == (
+        "error: HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE."
+    )
