@@ -52,6 +52,15 @@ def changed_copy(finetune: Path, dest: Path) -> Path:
     return dest
 
 
+def rebuild(manifest: Path, section: str, key: str, value: Any) -> None:
+    """Change one manifest key, build again and verify (the next push must see a new, verified build)."""
+    data = yaml.safe_load(manifest.read_text())
+    data[section][key] = value
+    manifest.write_text(yaml.safe_dump(data))
+    out = build(manifest, record_last_build=False).output
+    assert verify(out).passed
+
+
 def lfs_bytes(hub: LocalHub) -> int:
     return hub.bytes_received(route="lfs-upload")
 
@@ -88,11 +97,7 @@ def test_changed_tuned_tensor_uploads_only_the_changed_shard(
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, first)
     push(manifest)
     second = changed_copy(first, tmp_path / "second-run")
-    data = yaml.safe_load(manifest.read_text())
-    data["finetune"]["path"] = str(second)
-    manifest.write_text(yaml.safe_dump(data))
-    build(manifest, record_last_build=False)
-    assert verify(out).passed
+    rebuild(manifest, "finetune", "path", str(second))
     hub.clear_log()
     result = push(manifest)
     changed_shard = "model-00003-of-00003.safetensors"
@@ -148,12 +153,7 @@ def test_create_pr_leaves_main_alone(
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
     push(manifest)
     head = hub.branch_head(repo_id)
-    (out / "extra-notes.md").write_text("notes\n")
-    data = yaml.safe_load(manifest.read_text())
-    data["push"]["create_pr"] = True
-    manifest.write_text(yaml.safe_dump(data))
-    build(manifest, record_last_build=False)
-    assert verify(out).passed
+    rebuild(manifest, "push", "create_pr", True)
     result = push(manifest)
     assert result.pr_url and "/discussions/" in result.pr_url
     assert hub.branch_head(repo_id) == head
@@ -196,11 +196,7 @@ def test_permanent_failure_leaves_an_existing_repo_as_it_was(
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, first)
     push(manifest)
     before = hub.list_files(repo_id)
-    data = yaml.safe_load(manifest.read_text())
-    data["finetune"]["path"] = str(changed_copy(first, tmp_path / "second-run"))
-    manifest.write_text(yaml.safe_dump(data))
-    build(manifest, record_last_build=False)
-    verify(out)
+    rebuild(manifest, "finetune", "path", str(changed_copy(first, tmp_path / "second-run")))
     # the client itself retries LFS uploads for ~20 s; a commit it does not retry, so that is the fast case
     hub.inject_fault("commit", kind="drop", times=50)
     with pytest.raises(PushError, match="the repo is unchanged"):
@@ -219,11 +215,7 @@ def test_moved_branch_is_a_conflict(
     first = trainer_output_factory("remote")
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, first)
     push(manifest)
-    data = yaml.safe_load(manifest.read_text())
-    data["finetune"]["path"] = str(changed_copy(first, tmp_path / "second-run"))
-    manifest.write_text(yaml.safe_dump(data))
-    build(manifest, record_last_build=False)
-    verify(out)
+    rebuild(manifest, "finetune", "path", str(changed_copy(first, tmp_path / "second-run")))
     real = push_module._remote_files
 
     def someone_else_commits(api: Any, repo: str, revision: str) -> dict[str, Any]:
