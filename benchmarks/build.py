@@ -82,7 +82,10 @@ class Dims:
         vh, vi = self.vision_hidden, self.vision_intermediate
         positions = (self.image_size // self.patch_size) ** 2 + 1
         vision = (
-            3 * self.patch_size**2 * vh + vh + positions * vh + 4 * vh
+            3 * self.patch_size**2 * vh
+            + vh
+            + positions * vh
+            + 4 * vh
             + self.vision_layers * (4 * (vh * vh + vh) + 2 * vh * vi + vi + vh + 4 * vh)
         )
         projector = vh * h + h + h * h + h
@@ -94,18 +97,39 @@ def choose_dims(size_gb: float) -> Dims:
     target = size_gb * 1e9 / 2  # parameters
     if size_gb >= 1.0:
         hidden, inter, heads, vocab = 2048, 5632, 16, 32000
-        vision = {"vision_hidden": 768, "vision_intermediate": 3072, "vision_layers": 12, "vision_heads": 12,
-                      "image_size": 224, "patch_size": 16}  # ViT-B/16: ~86M parameters
+        vision = {
+            "vision_hidden": 768,
+            "vision_intermediate": 3072,
+            "vision_layers": 12,
+            "vision_heads": 12,
+            "image_size": 224,
+            "patch_size": 16,
+        }  # ViT-B/16: ~86M parameters
     elif size_gb >= 0.4:
         hidden, inter, heads, vocab = 1024, 2816, 16, 32000
-        vision = {"vision_hidden": 512, "vision_intermediate": 2048, "vision_layers": 8, "vision_heads": 8,
-                      "image_size": 224, "patch_size": 16}
+        vision = {
+            "vision_hidden": 512,
+            "vision_intermediate": 2048,
+            "vision_layers": 8,
+            "vision_heads": 8,
+            "image_size": 224,
+            "patch_size": 16,
+        }
     else:
         hidden, inter, heads, vocab = 512, 1408, 8, 16000
-        vision = {"vision_hidden": 384, "vision_intermediate": 1536, "vision_layers": 6, "vision_heads": 6,
-                      "image_size": 224, "patch_size": 16}
+        vision = {
+            "vision_hidden": 384,
+            "vision_intermediate": 1536,
+            "vision_layers": 6,
+            "vision_heads": 6,
+            "image_size": 224,
+            "patch_size": 16,
+        }
     probe = Dims(hidden, inter, 0, heads, vocab, shard_bytes=0, **vision)
-    per_layer = Dims(hidden, inter, 1, heads, vocab, shard_bytes=0, **vision).params()["total"] - probe.params()["total"]
+    per_layer = (
+        Dims(hidden, inter, 1, heads, vocab, shard_bytes=0, **vision).params()["total"]
+        - probe.params()["total"]
+    )
     layers = max(1, -(-int(target - probe.params()["total"]) // per_layer))
     total_bytes = 2 * Dims(hidden, inter, layers, heads, vocab, shard_bytes=0, **vision).params()["total"]
     # ~6 shards; a shard must still hold the largest tensor (the embedding) whole
@@ -139,8 +163,13 @@ def _llava_config(dims: Dims, image_token_id: int) -> Any:
         patch_size=dims.patch_size,
         projection_dim=dims.hidden,
     )
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token_id,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     config.dtype = "bfloat16"
     return config
 
@@ -157,8 +186,13 @@ def _make_tokenizer() -> Any:
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096,
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=4096,
     )
 
 
@@ -169,10 +203,13 @@ def _make_processor(tokenizer: Any, dims: Dims) -> Any:
     # The PIL backend: the torchvision one is not installed here, and the saved config is the same.
     image_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     image_processor = image_cls(
-        size={"shortest_edge": dims.image_size}, crop_size={"height": dims.image_size, "width": dims.image_size}
+        size={"shortest_edge": dims.image_size},
+        crop_size={"height": dims.image_size, "width": dims.image_size},
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=dims.patch_size,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=dims.patch_size,
         vision_feature_select_strategy="default",
         chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
     )
@@ -202,8 +239,13 @@ def worker_gen_base(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     model.save_pretrained(out, max_shard_size=dims.shard_bytes)
     _make_processor(tokenizer, dims).save_pretrained(out)
-    (out / "README.md").write_text("---\nlicense: apache-2.0\n---\n# hubsync benchmark base\n\nRandom weights.\n")
-    return {"files": sorted(p.name for p in out.iterdir()), "params": sum(p.numel() for p in model.parameters())}
+    (out / "README.md").write_text(
+        "---\nlicense: apache-2.0\n---\n# hubsync benchmark base\n\nRandom weights.\n"
+    )
+    return {
+        "files": sorted(p.name for p in out.iterdir()),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _safetensors_header(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str]) -> bytes:
@@ -268,7 +310,12 @@ def worker_gen_finetune(args: argparse.Namespace) -> dict[str, Any]:
     try:
         args_obj: Any = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1, report_to=[])
     except ImportError:  # TrainingArguments needs accelerate; a pickled dict stands in for it
-        args_obj = {"output_dir": str(out), "per_device_train_batch_size": 1, "learning_rate": 1e-5, "bf16": False}
+        args_obj = {
+            "output_dir": str(out),
+            "per_device_train_batch_size": 1,
+            "learning_rate": 1e-5,
+            "bf16": False,
+        }
     torch.save(args_obj, out / "training_args.bin")
     return {"shards": len(shards), "tensors": len(names), "perturbed": perturbed, "bytes": total}
 
@@ -306,8 +353,10 @@ def worker_handmade(args: argparse.Namespace) -> dict[str, Any]:
     del state
     model.save_pretrained(out)
     for path in base.iterdir():
-        if path.is_file() and not (path.name.endswith((".safetensors", ".safetensors.index.json"))
-                                   or path.name in ("config.json", "generation_config.json")):
+        if path.is_file() and not (
+            path.name.endswith((".safetensors", ".safetensors.index.json"))
+            or path.name in ("config.json", "generation_config.json")
+        ):
             shutil.copy(path, out / path.name)
     return {"missing": list(missing), "unexpected": list(unexpected)}
 
@@ -325,9 +374,9 @@ def _sha256(path: Path) -> str:
 def _finetune_name(disk_name: str) -> str:
     """transformers 5 saves Llava with the legacy names; the in-memory (trainer state dict) names differ."""
     if disk_name.startswith("language_model.model."):
-        return "model.language_model." + disk_name[len("language_model.model."):]
+        return "model.language_model." + disk_name[len("language_model.model.") :]
     if disk_name.startswith("language_model.lm_head."):
-        return "lm_head." + disk_name[len("language_model.lm_head."):]
+        return "lm_head." + disk_name[len("language_model.lm_head.") :]
     return "model." + disk_name
 
 
@@ -351,7 +400,9 @@ def worker_check(args: argparse.Namespace) -> dict[str, Any]:
         same = _sha256(base / shard) == _sha256(out / shard)
         (identical if same else rewritten).append(shard)
     if sorted(rewritten) != tuned_shards:
-        problems.append(f"rewritten shards {rewritten}, expected exactly the ones holding tuned tensors {tuned_shards}")
+        problems.append(
+            f"rewritten shards {rewritten}, expected exactly the ones holding tuned tensors {tuned_shards}"
+        )
 
     ft_index = json.loads((finetune / "model.safetensors.index.json").read_text())["weight_map"]
     checked_tuned = checked_kept = 0
@@ -370,7 +421,9 @@ def worker_check(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     want = fb.get_tensor(name)
                     checked_kept += 1
-                if got.dtype != want.dtype or not torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)):
+                if got.dtype != want.dtype or not torch.equal(
+                    got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)
+                ):
                     problems.append(f"{shard}: {name} is not what it should be")
     n_tuned = sum(1 for n in weight_map if n.startswith(TUNED_PREFIXES))
     if checked_tuned != n_tuned:
@@ -391,13 +444,19 @@ def worker_check(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             with safe_open(str(out / shard), "pt") as fo, safe_open(str(handmade / hm_map[name]), "pt") as fh:
                 a, b = fo.get_tensor(name), fh.get_tensor(name)
-            if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)):
+            if (
+                a.dtype == b.dtype
+                and a.shape == b.shape
+                and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+            ):
                 equal += 1
             else:
                 differing.append(name)
         vs_handmade = {"tensors": len(weight_map), "equal": equal, "differing": differing[:10]}
         if differing:
-            problems.append(f"{len(differing)} tensor(s) differ from the hand-made output, e.g. {differing[:3]}")
+            problems.append(
+                f"{len(differing)} tensor(s) differ from the hand-made output, e.g. {differing[:3]}"
+            )
     return {
         "shards": len(shards),
         "identical_shards": len(identical),
@@ -465,7 +524,7 @@ def run_checked(cmd: list[str], env: dict[str, str], what: str) -> dict[str, Any
         raise SystemExit(f"benchmark setup failed: {what} (exit {proc.returncode})")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return {}
 
 
@@ -520,7 +579,9 @@ def machine(work: Path) -> dict[str, Any]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    fs = subprocess.run(["df", "--output=fstype", str(work)], check=False, capture_output=True, text=True).stdout.split()
+    fs = subprocess.run(
+        ["df", "--output=fstype", str(work)], check=False, capture_output=True, text=True
+    ).stdout.split()
     return {
         "cores": os.cpu_count(),
         "ram_gb": round(mem_kb / 1024 / 1024, 1),
@@ -537,7 +598,9 @@ def versions(env: dict[str, str]) -> dict[str, str]:
         "print(json.dumps({p: m.version(p) for p in "
         "('hubsync', 'torch', 'transformers', 'huggingface_hub', 'safetensors', 'tokenizers')}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=False, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=False, capture_output=True, text=True
+    ).stdout
     return json.loads(out) if out.strip() else {}
 
 
@@ -558,16 +621,24 @@ def prepare_inputs(args: argparse.Namespace, work: Path, env_base: dict[str, str
     for path in (base_src, finetune, work / "hub", work / "hf_home", cache_file):
         remove(path)
     expected = dims.params()
-    log(f"generating a {args.size_gb} GB Llava base: {expected['total'] / 1e6:.0f}M parameters "
+    log(
+        f"generating a {args.size_gb} GB Llava base: {expected['total'] / 1e6:.0f}M parameters "
         f"(vision {expected['vision'] / 1e6:.0f}M, projector {expected['projector'] / 1e6:.1f}M), "
-        f"{dims.layers} text layers, shards of {dims.shard_bytes / 1e6:.0f} MB")
+        f"{dims.layers} text layers, shards of {dims.shard_bytes / 1e6:.0f} MB"
+    )
     t0 = time.perf_counter()
-    base_info = run_checked(worker_cmd("gen-base", dims=json.dumps(asdict(dims)), out=base_src), env_base, "generate base")
+    base_info = run_checked(
+        worker_cmd("gen-base", dims=json.dumps(asdict(dims)), out=base_src), env_base, "generate base"
+    )
     log(f"base written in {time.perf_counter() - t0:.0f}s: {folder_bytes(base_src) / 1e9:.2f} GB")
     t0 = time.perf_counter()
     ft_info = run_checked(
-        worker_cmd("gen-finetune", base=base_src, out=finetune, shard_bytes=max(dims.shard_bytes * 2, 1 << 30)),
-        env_base, "generate fine-tune")
+        worker_cmd(
+            "gen-finetune", base=base_src, out=finetune, shard_bytes=max(dims.shard_bytes * 2, 1 << 30)
+        ),
+        env_base,
+        "generate fine-tune",
+    )
     log(f"fine-tune written in {time.perf_counter() - t0:.0f}s: {folder_bytes(finetune) / 1e9:.2f} GB fp32")
     record = {"key": key, "base": base_info, "finetune": ft_info, "published": None}
     cache_file.write_text(json.dumps(record, indent=2))
@@ -636,16 +707,39 @@ def ratio(a: float, b: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=2.0, help="size of the synthetic bf16 base (default 2)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hubsync-bench"), help="folder for inputs and outputs")
+    parser.add_argument(
+        "--size-gb", type=float, default=2.0, help="size of the synthetic bf16 base (default 2)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/hubsync-bench"), help="folder for inputs and outputs"
+    )
     parser.add_argument("--regenerate", action="store_true", help="make the base and fine-tune again")
-    parser.add_argument("--no-hub", action="store_true", help="use `base.path` instead of the local Hub emulator")
-    parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both",
-                        help="page-cache state of the inputs before each measurement (default both)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per route and cache state; the median is reported (default 3)")
-    parser.add_argument("--profile", action="store_true", help="also run one build under cProfile and print where its time goes")
-    parser.add_argument("--skip-handmade", action="store_true", help="do not run the (slow, RAM-hungry) hand-made route")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout (the report goes to stderr)")
+    parser.add_argument(
+        "--no-hub", action="store_true", help="use `base.path` instead of the local Hub emulator"
+    )
+    parser.add_argument(
+        "--cache",
+        choices=("warm", "cold", "both"),
+        default="both",
+        help="page-cache state of the inputs before each measurement (default both)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per route and cache state; the median is reported (default 3)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run one build under cProfile and print where its time goes",
+    )
+    parser.add_argument(
+        "--skip-handmade", action="store_true", help="do not run the (slow, RAM-hungry) hand-made route"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the results as JSON on stdout (the report goes to stderr)"
+    )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for hidden in ("dims", "out", "base", "finetune", "handmade", "repo", "revision", "shard-bytes"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -658,8 +752,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    env_base = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HOME": str(work / "hf_home")}
+    env_base = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HOME": str(work / "hf_home"),
+    }
     env_base.pop("HF_ENDPOINT", None)
     record = prepare_inputs(args, work, env_base)
     notes: list[str] = []
@@ -681,8 +780,12 @@ def main(argv: list[str] | None = None) -> int:
             published = record.get("published")
             if not published or not hub.repo_exists(repo) or hub.branch_head(repo) != published.get("sha"):
                 t0 = time.perf_counter()
-                published = run_checked(worker_cmd("publish", base=base_folder, repo=repo), env, "publish to the local Hub")
-                log(f"published {repo}@{published['sha']} on {hub.endpoint} in {time.perf_counter() - t0:.0f}s")
+                published = run_checked(
+                    worker_cmd("publish", base=base_folder, repo=repo), env, "publish to the local Hub"
+                )
+                log(
+                    f"published {repo}@{published['sha']} on {hub.endpoint} in {time.perf_counter() - t0:.0f}s"
+                )
                 record["published"] = published
                 (work / "inputs.json").write_text(json.dumps(record, indent=2))
             manifest = write_manifest(work, {"repo": repo, "revision": published["sha"]})
@@ -695,8 +798,13 @@ def main(argv: list[str] | None = None) -> int:
             log(notes[-1])
             manifest = write_manifest(work, {"path": "base-src"})
 
-    help_text = subprocess.run([sys.executable, "-m", "hubsync", "build", "--help"], env=env,
-                               check=False, capture_output=True, text=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "hubsync", "build", "--help"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout
     build_cmd = [sys.executable, "-m", "hubsync", "-q", "build", str(manifest), "--json"]
     if "--no-verify" in help_text:
         build_cmd.append("--no-verify")
@@ -709,25 +817,48 @@ def main(argv: list[str] | None = None) -> int:
         secs, rss, rc = run_measured(build_cmd, env, logs / "build-warmup.log")
         if rc != 0:
             sys.stderr.write((logs / "build-warmup.log").read_text()[-6000:])
-            raise SystemExit(f"the warm-up `hubsync build` failed (exit {rc}); log: {logs / 'build-warmup.log'}")
+            raise SystemExit(
+                f"the warm-up `hubsync build` failed (exit {rc}); log: {logs / 'build-warmup.log'}"
+            )
         log(f"warm-up build (download into the cache + build) done in {secs:.1f}s")
         if hub is not None:
-            base_folder = Path(run_checked(worker_cmd("snapshot", repo=repo, revision=published["sha"]), env, "snapshot")["folder"])
+            base_folder = Path(
+                run_checked(worker_cmd("snapshot", repo=repo, revision=published["sha"]), env, "snapshot")[
+                    "folder"
+                ]
+            )
         base_inputs = input_files(base_folder)
         ft_inputs = input_files(work / "finetune")
 
         cp_cmd = ["cp", "-rL", str(base_folder), str(out_copy)]
-        cp_sync = ["sh", "-c", f"cp -rL '{base_folder}' '{out_copy}' && find '{out_copy}' -type f -exec sync {{}} +"]
+        cp_sync = [
+            "sh",
+            "-c",
+            f"cp -rL '{base_folder}' '{out_copy}' && find '{out_copy}' -type f -exec sync {{}} +",
+        ]
         hand_cmd = worker_cmd("handmade", base=base_folder, finetune=work / "finetune", out=out_hand)
         routes: list[tuple[str, str, list[str], list[Path], Path | None]] = [
-            ("build", "hubsync build (output removed first)", build_cmd, base_inputs + ft_inputs, out_hubsync),
+            (
+                "build",
+                "hubsync build (output removed first)",
+                build_cmd,
+                base_inputs + ft_inputs,
+                out_hubsync,
+            ),
             ("build-again", "hubsync build (output exists)", build_cmd, base_inputs + ft_inputs, None),
             ("copy", "cp -rL base snapshot", cp_cmd, base_inputs, out_copy),
             ("copy-sync", "cp -rL + sync (fsync, as hubsync does)", cp_sync, base_inputs, out_copy),
         ]
         if not args.skip_handmade:
-            routes.append(("handmade", "hand-made: from_pretrained+load_state_dict+save", hand_cmd,
-                           base_inputs + ft_inputs, out_hand))
+            routes.append(
+                (
+                    "handmade",
+                    "hand-made: from_pretrained+load_state_dict+save",
+                    hand_cmd,
+                    base_inputs + ft_inputs,
+                    out_hand,
+                )
+            )
         states = ["warm", "cold"] if args.cache == "both" else [args.cache]
         measures: list[Measure] = []
         for state in states:
@@ -751,18 +882,38 @@ def main(argv: list[str] | None = None) -> int:
                     samples.append(round(secs, 2))
                     peaks.append(rss)
                 median = sorted(samples)[len(samples) // 2]
-                measures.append(Measure(key, name, state, " ".join(cmd), median, round(max(peaks), 1), samples,
-                                        min(samples), round(load, 2)))
-                log(f"{state:4s} {name}: {median:.2f}s (samples {samples}), peak RSS {max(peaks):.0f} MB, load {load:.1f}")
+                measures.append(
+                    Measure(
+                        key,
+                        name,
+                        state,
+                        " ".join(cmd),
+                        median,
+                        round(max(peaks), 1),
+                        samples,
+                        min(samples),
+                        round(load, 2),
+                    )
+                )
+                log(
+                    f"{state:4s} {name}: {median:.2f}s (samples {samples}), peak RSS {max(peaks):.0f} MB, load {load:.1f}"
+                )
         profile = profile_build(build_cmd, env, logs, out_hubsync) if args.profile else None
 
         # The last measured build left out-hubsync; the hand-made output is compared with it tensor by tensor.
         remove(out_hubsync)
         run_measured(build_cmd, env, logs / "build-final.log")
         check = run_checked(
-            worker_cmd("check", base=base_folder, out=out_hubsync, finetune=work / "finetune",
-                       handmade=out_hand if out_hand.exists() else ""),
-            env, "correctness check")
+            worker_cmd(
+                "check",
+                base=base_folder,
+                out=out_hubsync,
+                finetune=work / "finetune",
+                handmade=out_hand if out_hand.exists() else "",
+            ),
+            env,
+            "correctness check",
+        )
     finally:
         if hub is not None:
             hub.stop()
@@ -779,8 +930,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if check["problems"] else 0
 
 
-def summarize(args: argparse.Namespace, record: dict[str, Any], measures: list[Measure], check: dict[str, Any],
-              notes: list[str], build_cmd: list[str], env: dict[str, str], base_folder: Path) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace,
+    record: dict[str, Any],
+    measures: list[Measure],
+    check: dict[str, Any],
+    notes: list[str],
+    build_cmd: list[str],
+    env: dict[str, str],
+    base_folder: Path,
+) -> dict[str, Any]:
     by = {(m.cache, m.key): m for m in measures}
     ratios: dict[str, dict[str, Any]] = {}
     for state in sorted({m.cache for m in measures}, key=["warm", "cold"].index):
@@ -795,14 +954,22 @@ def summarize(args: argparse.Namespace, record: dict[str, Any], measures: list[M
             values["handmade_vs_build_time"] = ratio(hand.seconds, build.seconds)
             values["build_vs_handmade_rss"] = ratio(build.peak_rss_mb, hand.peak_rss_mb)
         ratios[state] = {
-            k: {"value": round(v, 3), "target": f"{TARGETS[k][1]} {TARGETS[k][2]:.3g}" if k in TARGETS else None,
-                "met": _meets(k, v) if k in TARGETS else None}
+            k: {
+                "value": round(v, 3),
+                "target": f"{TARGETS[k][1]} {TARGETS[k][2]:.3g}" if k in TARGETS else None,
+                "met": _meets(k, v) if k in TARGETS else None,
+            }
             for k, v in values.items()
         }
     busiest = max((m.load_avg for m in measures), default=0.0)
     if busiest > 1.0:
-        notes = [*notes, (f"other processes were running (1-min load average up to {busiest:.1f} on "
-                 f"{os.cpu_count()} cores): timings are noisy; compare the samples and minimums")]
+        notes = [
+            *notes,
+            (
+                f"other processes were running (1-min load average up to {busiest:.1f} on "
+                f"{os.cpu_count()} cores): timings are noisy; compare the samples and minimums"
+            ),
+        ]
     return {
         "command": " ".join([Path(sys.executable).name, "benchmarks/build.py", *sys.argv[1:]]),
         "machine": machine(args.workdir.resolve()),
@@ -829,30 +996,42 @@ def render(result: dict[str, Any]) -> str:
     m, v = result["machine"], result["versions"]
     lines = [
         f"command:  {result['command']}",
-        (f"machine:  {m['cores']} cores ({m['cpu']}), {m['ram_gb']} GB RAM, {m['workdir_fs']}, Linux {m['kernel']}, "
-        f"Python {m['python']}"),
+        (
+            f"machine:  {m['cores']} cores ({m['cpu']}), {m['ram_gb']} GB RAM, {m['workdir_fs']}, Linux {m['kernel']}, "
+            f"Python {m['python']}"
+        ),
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        (f"base:     {result['base_bytes'] / 1e9:.2f} GB bf16 in {result['check']['shards']} shards "
-        f"({result['base_folder']}); fine-tune {result['finetune_bytes'] / 1e9:.2f} GB fp32"),
+        (
+            f"base:     {result['base_bytes'] / 1e9:.2f} GB bf16 in {result['check']['shards']} shards "
+            f"({result['base_folder']}); fine-tune {result['finetune_bytes'] / 1e9:.2f} GB fp32"
+        ),
         f"hubsync:  {result['hubsync_command']}",
         "",
         f"{'route':50s} {'cache':5s} {'median s':>9s} {'min s':>7s} {'peak RSS MB':>12s} {'load':>5s}",
     ]
     for meas in result["measures"]:
-        lines.append(f"{meas['name']:50s} {meas['cache']:5s} {meas['seconds']:9.2f} {meas['min_s']:7.2f} "
-                     f"{meas['peak_rss_mb']:12.0f} {meas['load_avg']:5.1f}")
+        lines.append(
+            f"{meas['name']:50s} {meas['cache']:5s} {meas['seconds']:9.2f} {meas['min_s']:7.2f} "
+            f"{meas['peak_rss_mb']:12.0f} {meas['load_avg']:5.1f}"
+        )
     lines.append("")
     for state, values in result["ratios"].items():
         for key, item in values.items():
             label = TARGETS[key][0] if key in TARGETS else "build / (cp -rL + sync) time"
-            verdict = "" if item["met"] is None else ("  target " + item["target"] + (": MET" if item["met"] else ": NOT MET"))
+            verdict = (
+                ""
+                if item["met"] is None
+                else ("  target " + item["target"] + (": MET" if item["met"] else ": NOT MET"))
+            )
             lines.append(f"{state:4s} {label:34s} {item['value']:9.3f}{verdict}")
     c = result["check"]
     lines += [
         "",
-        (f"check: {c['identical_shards']}/{c['shards']} shards byte-identical to the base (sha256); rewritten: "
-        f"{', '.join(c['rewritten_shards']) or 'none'} (expected {', '.join(c['expected_rewritten'])}); "
-        f"{c['tuned_tensors_checked']} tuned tensors = fine-tune cast to bf16"),
+        (
+            f"check: {c['identical_shards']}/{c['shards']} shards byte-identical to the base (sha256); rewritten: "
+            f"{', '.join(c['rewritten_shards']) or 'none'} (expected {', '.join(c['expected_rewritten'])}); "
+            f"{c['tuned_tensors_checked']} tuned tensors = fine-tune cast to bf16"
+        ),
     ]
     if c["vs_handmade"]:
         h = c["vs_handmade"]
@@ -860,7 +1039,10 @@ def render(result: dict[str, Any]) -> str:
     lines.append("check: " + ("OK" if not c["problems"] else "PROBLEMS: " + "; ".join(c["problems"])))
     profile = result.get("profile")
     if profile and "stages_s" in profile:
-        lines += ["", f"profile of one build under cProfile ({profile['wall_s']:.1f}s with profiling overhead):"]
+        lines += [
+            "",
+            f"profile of one build under cProfile ({profile['wall_s']:.1f}s with profiling overhead):",
+        ]
         lines += [f"  {label:58s} {secs:7.2f}s" for label, secs in profile["stages_s"].items()]
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

@@ -37,8 +37,15 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 SEED = 1234
 
 PEFT_MERGE = """
@@ -59,11 +66,20 @@ def llama_config(size_gb: float) -> dict[str, Any]:
     fixed = 2 * vocab * hidden + hidden
     layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inner, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inner,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
 
 
@@ -97,7 +113,7 @@ def generate(workdir: Path, size_gb: float, rank: int) -> tuple[Path, Path]:
             tensor = torch.empty(shape, dtype=torch.bfloat16)
             flat = tensor.view(-1)
             for start in range(0, flat.numel(), 1 << 24):
-                chunk = flat[start:start + (1 << 24)]
+                chunk = flat[start : start + (1 << 24)]
                 chunk.copy_(torch.randn(chunk.numel(), generator=generator) * 0.02)
         current[name] = tensor
         filled += tensor.numel() * 2
@@ -110,29 +126,54 @@ def generate(workdir: Path, size_gb: float, rank: int) -> tuple[Path, Path]:
     weight_map = _flush(base, shards, save_file, final=True)
     total = sum(2 * _numel(s) for s in shapes.values())
     (base / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     config.save_pretrained(str(base))
     (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
 
     lora: dict[str, torch.Tensor] = {}
     hidden, inner = config_dict["hidden_size"], config_dict["intermediate_size"]
-    dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-            "o_proj": (hidden, hidden), "gate_proj": (inner, hidden), "up_proj": (inner, hidden),
-            "down_proj": (hidden, inner)}
+    dims = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, hidden),
+        "v_proj": (hidden, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (inner, hidden),
+        "up_proj": (inner, hidden),
+        "down_proj": (hidden, inner),
+    }
     for layer in range(config_dict["num_hidden_layers"]):
         for module in PROJECTIONS:
             out_f, in_f = dims[module.split(".")[1]]
             key = f"base_model.model.model.layers.{layer}.{module}"
-            lora[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) / in_f ** 0.5
+            lora[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) / in_f**0.5
             lora[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * 1e-3
     save_file(lora, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-        "target_modules": [m.split(".")[1] for m in PROJECTIONS], "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
-        "base_model_name_or_path": str(base), "revision": None, "inference_mode": True,
-        "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-    }, indent=2) + "\n")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": [m.split(".")[1] for m in PROJECTIONS],
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+                "modules_to_save": None,
+                "base_model_name_or_path": str(base),
+                "revision": None,
+                "inference_mode": True,
+                "init_lora_weights": True,
+                "rank_pattern": {},
+                "alpha_pattern": {},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     marker.write_text(json.dumps(wanted))
     return base, adapter
 
@@ -158,7 +199,9 @@ def _flush(base: Path, shards: list[dict[str, Any]], save_file: Any, *, final: b
     if not final:
         return {}
     count = len(shards)
-    renamed = {f"part-{i:05d}.safetensors": f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)}
+    renamed = {
+        f"part-{i:05d}.safetensors": f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
+    }
     for old, new in renamed.items():
         os.replace(base / old, base / new)
     return {k: renamed[v] for k, v in _written.items()}
@@ -199,7 +242,9 @@ def same_tensors(a: Path, b: Path) -> tuple[int, list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-gb", type=float, default=2.0)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hubsync-lora-bench"))
@@ -212,9 +257,14 @@ def main() -> None:
 
     start = time.perf_counter()
     generator = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import lora; "
-         f"lora.generate(__import__('pathlib').Path({str(workdir)!r}), {args.size_gb}, {args.rank})"],
-        cwd=REPO_ROOT, check=True,
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import lora; "
+            f"lora.generate(__import__('pathlib').Path({str(workdir)!r}), {args.size_gb}, {args.rank})",
+        ],
+        cwd=REPO_ROOT,
+        check=True,
     )
     del generator
     print(f"inputs ready in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -234,15 +284,20 @@ def main() -> None:
     results = {"hubsync build": timed(hubsync, workdir), "PEFT merge_and_unload": timed(peft, workdir)}
     compared, differ = same_tensors(workdir / "out-hubsync", peft_out)
 
-    print(f"\nbase {base_bytes / 1e9:.2f} GB bf16 ({len(list(base.glob('*.safetensors')))} shards), "
-          f"adapter rank {args.rank} on {len(PROJECTIONS)} projections x every layer "
-          f"({adapter_bytes / 1e6:.0f} MB fp32); {os.cpu_count()} CPUs, {platform.platform()}")
+    print(
+        f"\nbase {base_bytes / 1e9:.2f} GB bf16 ({len(list(base.glob('*.safetensors')))} shards), "
+        f"adapter rank {args.rank} on {len(PROJECTIONS)} projections x every layer "
+        f"({adapter_bytes / 1e6:.0f} MB fp32); {os.cpu_count()} CPUs, {platform.platform()}"
+    )
     print(f"{'route':<24} {'wall s':>8} {'peak RSS MB':>12}")
     for route, (wall, rss) in results.items():
         print(f"{route:<24} {wall:>8.1f} {rss / 1e6:>12.0f}")
     (h_wall, h_rss), (p_wall, p_rss) = results.values()
     print(f"hubsync / PEFT: time {h_wall / p_wall:.2f}x, peak RSS {h_rss / p_rss:.2f}x")
-    print(f"outputs: {compared} tensors compared, {len(differ)} differ" + (f" (first: {differ[0]})" if differ else ""))
+    print(
+        f"outputs: {compared} tensors compared, {len(differ)} differ"
+        + (f" (first: {differ[0]})" if differ else "")
+    )
 
 
 if __name__ == "__main__":

@@ -37,12 +37,26 @@ def make_base(dest: Path, size: str) -> None:
     tiny = make_native_vlm(dest.parent / "tiny-template")
     config = LlavaConfig.from_pretrained(tiny)
     hidden, inter, layers, heads, (v_hidden, v_inter, v_layers, v_heads, image, patch) = SIZES[size]
-    config.text_config.update({"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-                               "num_attention_heads": heads, "num_key_value_heads": heads,
-                               "head_dim": hidden // heads})
-    config.vision_config.update({"hidden_size": v_hidden, "intermediate_size": v_inter,
-                                 "num_hidden_layers": v_layers, "num_attention_heads": v_heads,
-                                 "image_size": image, "patch_size": patch})
+    config.text_config.update(
+        {
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "head_dim": hidden // heads,
+        }
+    )
+    config.vision_config.update(
+        {
+            "hidden_size": v_hidden,
+            "intermediate_size": v_inter,
+            "num_hidden_layers": v_layers,
+            "num_attention_heads": v_heads,
+            "image_size": image,
+            "patch_size": patch,
+        }
+    )
     config.image_seq_length = (image // patch) ** 2
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
@@ -97,7 +111,9 @@ def run(cmd: list[str], cwd: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hubsync-gpu"))
     parser.add_argument("--device", default="auto")
@@ -121,7 +137,9 @@ def main() -> None:
     timings["hubsync verify"] = run([*hubsync, "verify", str(work / "out")], work)
     record = json.loads((work / "out" / "hubsync.json").read_text())["verification"]
     size_gb = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors")) / 1e9
-    print(f"\nmodel: {size_gb:.2f} GB of bf16 shards; device: {record['device']}; device_map: {record['device_map']}")
+    print(
+        f"\nmodel: {size_gb:.2f} GB of bf16 shards; device: {record['device']}; device_map: {record['device_map']}"
+    )
     print(f"versions: {record['versions']}")
     for step, seconds in timings.items():
         print(f"  {step:<34} {seconds:8.1f} s")

@@ -108,7 +108,9 @@ _LINEAR_SHORTHAND = "all-linear"
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$"
 )
-_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
+_EMBEDDING_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$"
+)
 _OTHER_ADAPTER_KEY = re.compile(r"\.(lora_magnitude_vector|lora_E|hada_|lokr_|ia3_l|oft_r|boft_)")
 _SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")
 
@@ -158,7 +160,9 @@ class LoraSettings:
             if isinstance(self.exclude_modules, str):
                 if re.fullmatch(self.exclude_modules, module):
                     return False
-            elif module in self.exclude_modules or any(module.endswith(f".{e}") for e in self.exclude_modules):
+            elif module in self.exclude_modules or any(
+                module.endswith(f".{e}") for e in self.exclude_modules
+            ):
                 return False
         if self.target_modules is None:
             return True  # PEFT fills in defaults per architecture; nothing to hold the weights against
@@ -199,7 +203,9 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FinetuneError(f"{folder} has no {ADAPTER_CONFIG}: it is not a PEFT adapter; set `finetune.format`") from None
+        raise FinetuneError(
+            f"{folder} has no {ADAPTER_CONFIG}: it is not a PEFT adapter; set `finetune.format`"
+        ) from None
     except (UnicodeDecodeError, ValueError) as err:
         raise _config_error(
             folder, f"is not valid JSON ({err}): re-save the adapter with save_pretrained()"
@@ -244,19 +250,27 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
     patterns: dict[str, dict[str, Any]] = {}
     for key in ("rank_pattern", "alpha_pattern"):
         value = doc.get(key) or {}
-        if not isinstance(value, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in value.items()):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and _is_number(v) for k, v in value.items()
+        ):
             raise _config_error(folder, f"has an invalid {key} {value!r}: expected module name -> number")
         for pattern in value:
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise _config_error(folder, f"{key} key {pattern!r} is not a valid regular expression ({err})") from None
+                raise _config_error(
+                    folder, f"{key} key {pattern!r} is not a valid regular expression ({err})"
+                ) from None
         patterns[key] = value
     if any(not float(v).is_integer() or v <= 0 for v in patterns["rank_pattern"].values()):
-        raise _config_error(folder, f"has an invalid rank_pattern {patterns['rank_pattern']!r}: ranks are positive integers")
+        raise _config_error(
+            folder, f"has an invalid rank_pattern {patterns['rank_pattern']!r}: ranks are positive integers"
+        )
     modules_to_save = doc.get("modules_to_save") or ()
     if not isinstance(modules_to_save, (list, tuple)) or not all(isinstance(m, str) for m in modules_to_save):
-        raise _config_error(folder, f"has an invalid modules_to_save {modules_to_save!r}: expected a list of names")
+        raise _config_error(
+            folder, f"has an invalid modules_to_save {modules_to_save!r}: expected a list of names"
+        )
     for key in ("use_rslora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(doc.get(key, False), bool):
             raise _config_error(folder, f"has an invalid {key} {doc.get(key)!r}: expected true or false")
@@ -265,7 +279,9 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
         try:
             re.compile(target)
         except re.error as err:
-            raise _config_error(folder, f"target_modules {target!r} is not a valid regular expression ({err})") from None
+            raise _config_error(
+                folder, f"target_modules {target!r} is not a valid regular expression ({err})"
+            ) from None
     base_name, revision = doc.get("base_model_name_or_path"), doc.get("revision")
     return LoraSettings(
         r=r,
@@ -313,14 +329,20 @@ def _list_bin(path: Path) -> dict[str, TensorRef]:
             "save_pretrained(safe_serialization=True)"
         ) from err
     except Exception as err:  # torch raises several types for a damaged file
-        raise FinetuneError(f"{path.name} is not a readable PyTorch file ({err}); re-save the adapter") from err
+        raise FinetuneError(
+            f"{path.name} is not a readable PyTorch file ({err}); re-save the adapter"
+        ) from err
     if not isinstance(state, dict):
-        raise FinetuneError(f"{path.name} holds a {type(state).__name__}, not a state dict; re-save the adapter")
+        raise FinetuneError(
+            f"{path.name} holds a {type(state).__name__}, not a state dict; re-save the adapter"
+        )
     refs: dict[str, TensorRef] = {}
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
             dtype = T.st_dtype(value.dtype)
-            refs[name] = BinTensorRef(name, dtype, tuple(value.shape), path, T.dtype_nbytes(dtype, value.shape))
+            refs[name] = BinTensorRef(
+                name, dtype, tuple(value.shape), path, T.dtype_nbytes(dtype, value.shape)
+            )
     return refs
 
 
@@ -351,7 +373,9 @@ class Adapter:
     copied: tuple[str, ...]  # base names of the whole copies
 
 
-def _delta(a: torch.Tensor, b: torch.Tensor, *, kind: str, fan_in_fan_out: bool, scaling: float) -> torch.Tensor:
+def _delta(
+    a: torch.Tensor, b: torch.Tensor, *, kind: str, fan_in_fan_out: bool, scaling: float
+) -> torch.Tensor:
     """scale · B @ A in float32, with the same operations in the same order as PEFT's `get_delta_weight`, so
     that the result is PEFT's to the bit."""
     import torch
@@ -367,7 +391,14 @@ def _delta(a: torch.Tensor, b: torch.Tensor, *, kind: str, fan_in_fan_out: bool,
 
 
 def _merge(
-    base: TensorRef, base_dtype: str, a: TensorRef, b: TensorRef, *, kind: str, fan_in_fan_out: bool, scaling: float
+    base: TensorRef,
+    base_dtype: str,
+    a: TensorRef,
+    b: TensorRef,
+    *,
+    kind: str,
+    fan_in_fan_out: bool,
+    scaling: float,
 ) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
         import torch
@@ -388,7 +419,9 @@ def _merge(
     return compute
 
 
-def _merge_bias(base: TensorRef, base_dtype: str, lora_bias: TensorRef, scaling: float) -> Callable[[], torch.Tensor]:
+def _merge_bias(
+    base: TensorRef, base_dtype: str, lora_bias: TensorRef, scaling: float
+) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
         import torch
 
@@ -442,7 +475,10 @@ def _cache_identity(base_tensors: Mapping[str, TensorRef]) -> tuple[str | None, 
 
 
 def _lineage_notes(
-    settings: LoraSettings, base_tensors: Mapping[str, TensorRef], base_repo: str | None, base_revision: str | None
+    settings: LoraSettings,
+    base_tensors: Mapping[str, TensorRef],
+    base_repo: str | None,
+    base_revision: str | None,
 ) -> list[str]:
     """Where the adapter says it was trained, against the manifest's base: a note, never a stop (local paths
     and renamed mirrors are common), but one a reader of the plan must see."""
@@ -460,7 +496,9 @@ def _lineage_notes(
                 )
         else:
             folder = next(iter(base_tensors.values())).file.parent if base_tensors else None
-            same_folder = folder is not None and Path(named).is_dir() and Path(named).resolve() == folder.resolve()
+            same_folder = (
+                folder is not None and Path(named).is_dir() and Path(named).resolve() == folder.resolve()
+            )
             if not same_folder and (folder is None or Path(named).name != folder.name):
                 notes.append(
                     f"the adapter was trained on '{named}' (adapter_config.json base_model_name_or_path), "
@@ -497,7 +535,7 @@ def read_adapter(
     modules: dict[str, _Module] = {}
     copies: dict[str, TensorRef] = {}
     for key, info in stored.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         lora = _LORA_KEY.match(name)
         emb = _EMBEDDING_KEY.match(name) if lora is None else None
         if lora is not None:
@@ -509,7 +547,9 @@ def read_adapter(
             elif lora["part"] == "lora_B":
                 module.b_bias = info
             else:
-                problems.append(f"{weights_file.name} holds {key}: lora_A has no bias in PEFT; re-save the adapter")
+                problems.append(
+                    f"{weights_file.name} holds {key}: lora_A has no bias in PEFT; re-save the adapter"
+                )
         elif emb is not None:
             module = modules.setdefault(emb["module"], _Module(emb["module"], embedding=True))
             module.embedding = True
@@ -582,32 +622,47 @@ def read_adapter(
             problems.append(
                 f"{where}: lora_B @ lora_A is {list(delta_shape) if delta_shape else 'not a matrix product'}, but the "
                 f"base's {base_weight} is {list(shape)}: the adapter was made for another model"
-                + (" (or fan_in_fan_out is wrong)" if kind == "linear" and delta_shape and delta_shape[::-1] == shape else "")
+                + (
+                    " (or fan_in_fan_out is wrong)"
+                    if kind == "linear" and delta_shape and delta_shape[::-1] == shape
+                    else ""
+                )
             )
             continue
         scaling = settings.scaling(module.name)
         # A whole copy of the module's own weight in the adapter (embedding layers PEFT saved alongside, a
         # trained bias) is what PEFT loads into the base layer before it merges: start from that.
-        start = copies.pop(f"{module.name}.base_layer.weight", None) or copies.pop(f"{module.name}.weight", None)
+        start = copies.pop(f"{module.name}.base_layer.weight", None) or copies.pop(
+            f"{module.name}.weight", None
+        )
         tensors[weight_key] = ComputedTensor(
             name=weight_key,
             dtype="F32",
             shape=shape,
             compute=_merge(
-                start or base_info, base_info.dtype, module.a, module.b,
-                kind=kind, fan_in_fan_out=settings.fan_in_fan_out and kind == "linear", scaling=scaling,
+                start or base_info,
+                base_info.dtype,
+                module.a,
+                module.b,
+                kind=kind,
+                fan_in_fan_out=settings.fan_in_fan_out and kind == "linear",
+                scaling=scaling,
             ),
         )
         merged.append(base_weight)
         tuned.add(part_prefix(base_weight))
         if module.b_bias is not None:
             if not settings.lora_bias:
-                problems.append(f"{where} has lora_B.bias, but {ADAPTER_CONFIG} says lora_bias: false; re-save the adapter")
+                problems.append(
+                    f"{where} has lora_B.bias, but {ADAPTER_CONFIG} says lora_bias: false; re-save the adapter"
+                )
                 continue
             bias_key = f"{PEFT_PREFIX}{module.name}.bias"
             base_bias = _base_name(bias_key, base_tensors, spec, base_config)
             if base_bias is None:
-                problems.append(f"{where} has a LoRA bias, but the base layer has no bias: PEFT cannot merge it either")
+                problems.append(
+                    f"{where} has a LoRA bias, but the base layer has no bias: PEFT cannot merge it either"
+                )
                 continue
             bias_info = base_tensors[base_bias]
             if tuple(module.b_bias.shape) != tuple(bias_info.shape):
@@ -616,23 +671,33 @@ def read_adapter(
                     f"{list(bias_info.shape)}"
                 )
                 continue
-            start_bias = copies.pop(f"{module.name}.base_layer.bias", None) or copies.pop(f"{module.name}.bias", None)
+            start_bias = copies.pop(f"{module.name}.base_layer.bias", None) or copies.pop(
+                f"{module.name}.bias", None
+            )
             tensors[bias_key] = ComputedTensor(
-                name=bias_key, dtype="F32", shape=tuple(bias_info.shape),
+                name=bias_key,
+                dtype="F32",
+                shape=tuple(bias_info.shape),
                 compute=_merge_bias(start_bias or bias_info, bias_info.dtype, module.b_bias, scaling),
             )
             merged.append(base_bias)
         elif settings.lora_bias:
-            problems.append(f"{where}: {ADAPTER_CONFIG} says lora_bias: true, but the file has no lora_B.bias; re-save the adapter")
+            problems.append(
+                f"{where}: {ADAPTER_CONFIG} says lora_bias: true, but the file has no lora_B.bias; re-save the adapter"
+            )
 
     if unselected:
-        shown = ", ".join(unselected[:3]) + (f" and {len(unselected) - 3} more" if len(unselected) > 3 else "")
+        shown = ", ".join(unselected[:3]) + (
+            f" and {len(unselected) - 3} more" if len(unselected) > 3 else ""
+        )
         problems.append(
             f"{weights_file.name} has LoRA weights for {shown}, which target_modules {settings.target_modules!r} does "
             "not select: PEFT would ignore them; fix target_modules in adapter_config.json or re-save the adapter"
         )
     if isinstance(settings.target_modules, tuple):
-        unused = [t for t in settings.target_modules if not any(m == t or m.endswith(f".{t}") for m in modules)]
+        unused = [
+            t for t in settings.target_modules if not any(m == t or m.endswith(f".{t}") for m in modules)
+        ]
         if unused:
             notes.append(f"target_modules {', '.join(unused)} matched no LoRA weights in {weights_file.name}")
 
@@ -645,7 +710,9 @@ def read_adapter(
             tuned.add(part_prefix(base))
     for wanted in settings.modules_to_save:
         if not any(re.search(rf"(^|\.){re.escape(wanted)}\.", name) for name in copies):
-            notes.append(f"modules_to_save lists '{wanted}', but the adapter holds no weights for it: taken from the base")
+            notes.append(
+                f"modules_to_save lists '{wanted}', but the adapter holds no weights for it: taken from the base"
+            )
 
     if not tensors or (modules and not merged):
         # Nothing of the adapter fits: one message, not a problem per module.

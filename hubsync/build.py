@@ -73,13 +73,21 @@ def _same_files(base: BaseInventory, finetune: FinetuneInventory) -> frozenset[s
 
 def prepare(manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prepared:
     """Everything up to and including the plan; writes nothing."""
-    return prepare_manifest(load_manifest(manifest_path), manifest_path, allow_untuned_changes=allow_untuned_changes)
+    return prepare_manifest(
+        load_manifest(manifest_path), manifest_path, allow_untuned_changes=allow_untuned_changes
+    )
 
 
-def prepare_manifest(manifest: Manifest, manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prepared:
+def prepare_manifest(
+    manifest: Manifest, manifest_path: Path, *, allow_untuned_changes: bool = False
+) -> Prepared:
     base = resolve_base(manifest.base)
     finetune = read_finetune(
-        manifest.finetune, base.checkpoint.tensors, base.config, base_repo=base.repo_id, base_revision=base.sha
+        manifest.finetune,
+        base.checkpoint.tensors,
+        base.config,
+        base_repo=base.repo_id,
+        base_revision=base.sha,
     )
     log.debug("comparing %d fine-tune tensor(s) with the base", len(finetune.base_names))
     diffs = compare(base, finetune, output_dtype_for(manifest))
@@ -97,7 +105,11 @@ def prepare_manifest(manifest: Manifest, manifest_path: Path, *, allow_untuned_c
 
 def card_inputs(prep: Prepared, verification: dict[str, Any] | None) -> CardInputs:
     manifest = prep.manifest
-    base_card = (prep.base.folder / "README.md").read_text(encoding="utf-8") if "README.md" in prep.base.files else None
+    base_card = (
+        (prep.base.folder / "README.md").read_text(encoding="utf-8")
+        if "README.md" in prep.base.files
+        else None
+    )
     return CardInputs(
         repo_id=manifest.push.repo if manifest.push else None,
         base_repo=prep.base.repo_id,
@@ -111,7 +123,9 @@ def card_inputs(prep: Prepared, verification: dict[str, Any] | None) -> CardInpu
         description=manifest.card.description,
         prefixes=tuple(asdict(p) for p in prep.plan.prefixes),
         tuned_dtypes=tuple(sorted({t.dtype for t in prep.plan.tuned_tensors})),
-        has_processor=any(f in prep.base.files for f in ("preprocessor_config.json", "processor_config.json")),
+        has_processor=any(
+            f in prep.base.files for f in ("preprocessor_config.json", "processor_config.json")
+        ),
         remote_code=any(f.endswith(".py") for f in prep.base.files),
         verification=verification,
     )
@@ -136,8 +150,13 @@ def provenance(
             "folder": str(prep.finetune.folder),
             "format": "peft" if prep.finetune.derived_tuned is not None else prep.finetune.checkpoint.format,
         },
-        "files": {w.path: {"sha256": w.sha256, "size": w.size, "source": w.source} for w in sorted(written, key=lambda w: w.path)},
-        "tuned_tensors": {t.name: {"from": t.finetune_name, "dtype": t.dtype, "shard": t.shard} for t in plan.tuned_tensors},
+        "files": {
+            w.path: {"sha256": w.sha256, "size": w.size, "source": w.source}
+            for w in sorted(written, key=lambda w: w.path)
+        },
+        "tuned_tensors": {
+            t.name: {"from": t.finetune_name, "dtype": t.dtype, "shard": t.shard} for t in plan.tuned_tensors
+        },
         "prefixes": [asdict(p) for p in plan.prefixes],
         "notes": list(plan.notes),
         "card_inputs": asdict(card),
@@ -163,7 +182,11 @@ def build(
         try:
             card = card_inputs(prep, verification=None)
             written = write_files(
-                staging, prep.plan, prep.base, prep.finetune, link=prep.manifest.output.link,
+                staging,
+                prep.plan,
+                prep.base,
+                prep.finetune,
+                link=prep.manifest.output.link,
                 card_text=render_card(card),
             )
             record = provenance(prep, written, card)
@@ -176,7 +199,12 @@ def build(
             raise
     if record_last_build:
         _record_last_build(manifest_path, output)
-    log.info("built %s: %d file(s), %d tensor(s) from the fine-tune", output, len(written), len(prep.plan.tuned_tensors))
+    log.info(
+        "built %s: %d file(s), %d tensor(s) from the fine-tune",
+        output,
+        len(written),
+        len(prep.plan.tuned_tensors),
+    )
     return BuildResult(output, prep.plan, tuple(written), record)
 
 
@@ -185,7 +213,9 @@ def _record_last_build(manifest_path: Path, output: Path) -> None:
     try:
         LAST_BUILD.parent.mkdir(exist_ok=True)
         tmp = LAST_BUILD.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"manifest": str(manifest_path.resolve()), "output": str(output)}, indent=2) + "\n")
+        tmp.write_text(
+            json.dumps({"manifest": str(manifest_path.resolve()), "output": str(output)}, indent=2) + "\n"
+        )
         os.replace(tmp, LAST_BUILD)
     except OSError as err:  # a read-only working directory must not fail a finished build
         log.warning("could not record the last build in %s (%s)", LAST_BUILD, err)
@@ -196,7 +226,9 @@ def load_record(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BuildError(f"{folder} has no {PROVENANCE}: it was not built by hubsync; run `hubsync build` first") from None
+        raise BuildError(
+            f"{folder} has no {PROVENANCE}: it was not built by hubsync; run `hubsync build` first"
+        ) from None
     except (OSError, ValueError) as err:
         raise BuildError(f"{path} cannot be read ({err}): rebuild with `hubsync build`") from None
     return data if isinstance(data, dict) else {}

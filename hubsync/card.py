@@ -92,7 +92,11 @@ def loading_snippet(inputs: CardInputs) -> str:
             if inputs.base_repo in block and "from_pretrained" in block:
                 return block.replace(inputs.base_repo, target).rstrip()
     trust = ", trust_remote_code=True" if inputs.remote_code else ""
-    lines = ["from transformers import AutoModel" + (", AutoProcessor" if inputs.has_processor else ", AutoTokenizer"), ""]
+    lines = [
+        "from transformers import AutoModel"
+        + (", AutoProcessor" if inputs.has_processor else ", AutoTokenizer"),
+        "",
+    ]
     lines.append(f'model = AutoModel.from_pretrained("{target}", dtype="auto"{trust})')
     if inputs.has_processor:
         lines.append(f'processor = AutoProcessor.from_pretrained("{target}"{trust})')
@@ -113,7 +117,9 @@ def verification_section(inputs: CardInputs) -> str:
     record = inputs.verification
     lines: list[str] = []
     if inputs.skip_verify_check:
-        lines.append("**Published with `--skip-verify-check`: the verification below may not cover these files.**\n")
+        lines.append(
+            "**Published with `--skip-verify-check`: the verification below may not cover these files.**\n"
+        )
     if not record:
         lines.append("Not verified: this folder was built with `--no-verify`.")
         return "\n".join(lines)
@@ -156,7 +162,9 @@ def render_card(inputs: CardInputs) -> str:
         )
     if inputs.base_repo and inputs.base_sha:
         url = f"https://huggingface.co/{inputs.base_repo}"
-        base_line = f"[{inputs.base_repo}]({url}) at commit [`{inputs.base_sha[:12]}`]({url}/tree/{inputs.base_sha})"
+        base_line = (
+            f"[{inputs.base_repo}]({url}) at commit [`{inputs.base_sha[:12]}`]({url}/tree/{inputs.base_sha})"
+        )
     else:
         base_line = "a local base folder (not on the Hub)"
     return template.substitute(

@@ -166,11 +166,17 @@ def plan_markdown(plan: Plan) -> str:
         f"**Base** `{plan.base_label}` · **output** `{plan.output_dir}`",
         "",
         f"- **{len(plan.files)} files**: " + ", ".join(f"{n} {a}" for a, n in sorted(actions.items())),
-        (f"- **{len(plan.tensors)} tensors**: {tuned} from the fine-tune, {len(plan.tensors) - tuned} "
-         "byte-identical from the base"),
+        (
+            f"- **{len(plan.tensors)} tensors**: {tuned} from the fine-tune, {len(plan.tensors) - tuned} "
+            "byte-identical from the base"
+        ),
     ]
     if plan.prefixes:
-        lines += ["", "| tuned prefix | changed | params changed | max \\|Δ\\| | rel Δ |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| tuned prefix | changed | params changed | max \\|Δ\\| | rel Δ |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for p in plan.prefixes:
             lines.append(
                 f"| `{_cell(p.prefix)}` | {p.changed}/{p.tensors} | {p.params_changed:,} | {p.max_abs:.3g} | {p.rel:.3g} |"
@@ -188,7 +194,12 @@ def report_markdown(report: Report) -> str:
     """The verification as a table: one row per check."""
     verdict = "✅ passed" if report.passed else f"❌ failed ({len(report.failures)} check(s))"
     device = report.device + (" (device_map=auto)" if report.device_map else "")
-    lines = [f"**Verification {verdict}** on `{_cell(device)}`", "", "| check | result | detail |", "|---|---|---|"]
+    lines = [
+        f"**Verification {verdict}** on `{_cell(device)}`",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
     for c in report.checks:
         lines.append(f"| {_cell(c.name)} | {_MARK[c.ok]} | {_cell(c.detail)} |")
     total = report.timings.get("total")
@@ -203,7 +214,11 @@ def push_markdown(result: PushResult) -> str:
     repo = f"[{result.repo_id}]({result.repo_url})" if result.repo_url else f"`{result.repo_id}`"
     if result.up_to_date:
         sha = (result.commit_sha or "")[:12]
-        lines = [f"**{target} is already up to date** at `{sha}`: nothing was uploaded.", "", f"- repo: {repo}"]
+        lines = [
+            f"**{target} is already up to date** at `{sha}`: nothing was uploaded.",
+            "",
+            f"- repo: {repo}",
+        ]
     else:
         lines = [f"**Published {target}**", "", f"- repo: {repo}"]
         if result.commit_url:
@@ -225,8 +240,10 @@ def push_markdown(result: PushResult) -> str:
             f"| unchanged | {len(result.unchanged)} | |",
             f"| deleted | {len(result.deleted)} | |",
             "",
-            (f"Uploaded {human_bytes(result.bytes_uploaded)} of the {human_bytes(result.bytes_in_build)} "
-             f"in the build{share}."),
+            (
+                f"Uploaded {human_bytes(result.bytes_uploaded)} of the {human_bytes(result.bytes_in_build)} "
+                f"in the build{share}."
+            ),
         ]
     return "\n".join(lines)
 
@@ -244,13 +261,15 @@ def after_validate(manifest: Manifest) -> None:
     if not active():
         return
     push = manifest.push
-    set_outputs({
-        "valid": True,
-        "repo": push.repo if push else "",
-        "revision": push.revision if push else "",
-        "create-pr": bool(push and push.create_pr),
-        "output-dir": str(manifest.output.dir),
-    })
+    set_outputs(
+        {
+            "valid": True,
+            "repo": push.repo if push else "",
+            "revision": push.revision if push else "",
+            "create-pr": bool(push and push.create_pr),
+            "output-dir": str(manifest.output.dir),
+        }
+    )
 
 
 def after_build(manifest_path: Path, result: BuildResult, report: Report | None) -> None:
@@ -264,12 +283,14 @@ def after_build(manifest_path: Path, result: BuildResult, report: Report | None)
     else:
         parts += ["", "**Not verified** (`--no-verify`): `hubsync push` refuses an unverified build."]
     append_summary("\n".join(parts))
-    set_outputs({
-        "output-dir": str(result.output),
-        "verified": bool(report is not None and report.passed),
-        "files": len(result.files),
-        "tuned-tensors": len(result.plan.tuned_tensors),
-    })
+    set_outputs(
+        {
+            "output-dir": str(result.output),
+            "verified": bool(report is not None and report.passed),
+            "files": len(result.files),
+            "tuned-tensors": len(result.plan.tuned_tensors),
+        }
+    )
 
 
 def after_verify(report: Report) -> None:
@@ -289,16 +310,18 @@ def after_push(result: PushResult) -> None:
     commit_url = result.commit_url
     if not commit_url and result.commit_sha and result.repo_url:
         commit_url = f"{result.repo_url}/commit/{result.commit_sha}"
-    set_outputs({
-        "commit-url": commit_url or "",
-        "commit-sha": result.commit_sha or "",
-        "repo-url": result.repo_url or "",
-        "revision": result.revision,
-        "pr-url": result.pr_url or "",
-        "bytes-uploaded": result.bytes_uploaded,
-        "bytes-in-build": result.bytes_in_build,
-        "up-to-date": result.up_to_date,
-    })
+    set_outputs(
+        {
+            "commit-url": commit_url or "",
+            "commit-sha": result.commit_sha or "",
+            "repo-url": result.repo_url or "",
+            "revision": result.revision,
+            "pr-url": result.pr_url or "",
+            "bytes-uploaded": result.bytes_uploaded,
+            "bytes-in-build": result.bytes_in_build,
+            "up-to-date": result.up_to_date,
+        }
+    )
 
 
 def report_error(err: BaseException) -> None:
@@ -314,8 +337,10 @@ def report_error(err: BaseException) -> None:
     if problems:
         for p in problems:
             annotate(f"{p.key}: {p.message}" if p.key else p.message, file=p.file, line=p.line)
-        lines = [f"- `{_cell(p.file)}{':' + str(p.line) if p.line else ''}` {_cell(p.key)}: {_cell(p.message)}"
-                 for p in problems]
+        lines = [
+            f"- `{_cell(p.file)}{':' + str(p.line) if p.line else ''}` {_cell(p.key)}: {_cell(p.message)}"
+            for p in problems
+        ]
     else:
         one_line = getattr(err, "one_line", None)
         fmt = getattr(err, "format_message", None)  # click's usage errors
@@ -327,4 +352,6 @@ def report_error(err: BaseException) -> None:
             message = f"{name}: {err} (a bug in hubsync: please report it, with HUBSYNC_DEBUG=1 output)"
         annotate(message, title=_TITLES.get(name, "hubsync"))
         lines = [f"- {_cell(message)}"]
-    append_summary("\n".join([f"## ❌ hubsync failed: {_TITLES.get(name, name).removeprefix('hubsync: ')}", "", *lines]))
+    append_summary(
+        "\n".join([f"## ❌ hubsync failed: {_TITLES.get(name, name).removeprefix('hubsync: ')}", "", *lines])
+    )

@@ -23,7 +23,9 @@ from hubsync.errors import HubsyncError, ManifestError
 log = logging.getLogger("hubsync")
 
 MANIFEST = click.argument("manifest", type=click.Path(path_type=Path), metavar="MANIFEST")
-JSON_FLAG = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON result on stdout.")
+JSON_FLAG = click.option(
+    "--json", "as_json", is_flag=True, help="Print a machine-readable JSON result on stdout."
+)
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -91,7 +93,11 @@ def validate(manifest: Path, as_json: bool) -> None:
 @cli.command()
 @MANIFEST
 @JSON_FLAG
-@click.option("--allow-untuned-changes", is_flag=True, help="Accept changes outside `finetune.tuned` (taken from the base).")
+@click.option(
+    "--allow-untuned-changes",
+    is_flag=True,
+    help="Accept changes outside `finetune.tuned` (taken from the base).",
+)
 def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
     """Show what a build would write and where each file and tensor comes from, without writing anything."""
     from hubsync.build import prepare
@@ -110,7 +116,11 @@ def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
 @MANIFEST
 @JSON_FLAG
 @click.option("--no-verify", is_flag=True, help="Skip the verification that normally ends a build.")
-@click.option("--allow-untuned-changes", is_flag=True, help="Accept changes outside `finetune.tuned` (taken from the base).")
+@click.option(
+    "--allow-untuned-changes",
+    is_flag=True,
+    help="Accept changes outside `finetune.tuned` (taken from the base).",
+)
 def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes: bool) -> None:
     """Build a complete, loadable repo folder from the pinned base plus the tuned tensors."""
     from hubsync.build import build as run_build
@@ -126,8 +136,13 @@ def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes:
             report = run_verify(result.output)
     ci.after_build(manifest, result, report)
     if as_json:
-        _echo_json({"output": str(result.output), "plan": result.plan.to_dict(),
-                    "verification": None if report is None else report.to_record({})})
+        _echo_json(
+            {
+                "output": str(result.output),
+                "plan": result.plan.to_dict(),
+                "verification": None if report is None else report.to_record({}),
+            }
+        )
     else:
         click.echo(render(result.plan))
         click.echo(f"\nbuilt {result.output}")
@@ -162,8 +177,11 @@ def verify(target: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("manifest", type=click.Path(path_type=Path), metavar="[MANIFEST]", required=False)
 @JSON_FLAG
-@click.option("--skip-verify-check", is_flag=True,
-              help="Push even if the verification is missing, failed or stale (the card says so).")
+@click.option(
+    "--skip-verify-check",
+    is_flag=True,
+    help="Push even if the verification is missing, failed or stale (the card says so).",
+)
 @click.pass_context
 def push(ctx: click.Context, manifest: Path | None, as_json: bool, skip_verify_check: bool) -> None:
     """Publish a verified build as one commit, uploading only what changed.
@@ -179,7 +197,9 @@ def push(ctx: click.Context, manifest: Path | None, as_json: bool, skip_verify_c
     if as_json:
         _echo_json(result.to_dict())
     elif result.up_to_date:
-        click.echo(f"{result.repo_id}@{result.revision} is already up to date ({(result.commit_sha or '')[:12]})")
+        click.echo(
+            f"{result.repo_id}@{result.revision} is already up to date ({(result.commit_sha or '')[:12]})"
+        )
     else:
         click.echo(f"pushed {result.repo_id}@{result.revision}: {result.commit_url or result.pr_url}")
         click.echo(
@@ -207,7 +227,9 @@ def status(manifest: Path | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("finetune_dir", type=click.Path(path_type=Path), metavar="FINETUNE_DIR")
-@click.option("--base", "base", required=True, metavar="REPO[@REV]", help="The base model the fine-tune started from.")
+@click.option(
+    "--base", "base", required=True, metavar="REPO[@REV]", help="The base model the fine-tune started from."
+)
 def doctor(finetune_dir: Path, base: str) -> None:
     """Diagnose a trainer output against its base and print a manifest that fixes it."""
     from hubsync.doctor import diagnose
@@ -223,8 +245,13 @@ def doctor(finetune_dir: Path, base: str) -> None:
 
 
 @cli.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("hubsync-demo"), show_default=True,
-              help="Folder for the demo's local Hub, fine-tune and build.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("hubsync-demo"),
+    show_default=True,
+    help="Folder for the demo's local Hub, fine-tune and build.",
+)
 def demo(workdir: Path) -> None:
     """Run the whole story offline on an embedded local Hub with a tiny model."""
     from hubsync.demo import run_demo

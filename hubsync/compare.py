@@ -40,8 +40,10 @@ def _compare_one(
     name: str, source: str, base_info: T.TensorRef, ft_info: T.TensorRef, out_dtype: str
 ) -> TensorDiff:
     numel = base_info.numel
-    if ft_info.dtype == base_info.dtype == out_dtype and isinstance(ft_info, T.TensorInfo) and isinstance(
-        base_info, T.TensorInfo
+    if (
+        ft_info.dtype == base_info.dtype == out_dtype
+        and isinstance(ft_info, T.TensorInfo)
+        and isinstance(base_info, T.TensorInfo)
     ):
         if T.tensor_bytes_equal(base_info, ft_info):
             return TensorDiff(name, source, "same", ft_info.dtype, out_dtype, numel)
@@ -57,8 +59,12 @@ def _compare_one(
         seen_equal = torch.equal(seen, t)
         o = t.to(out)
         bo = b.to(out)
-        out_equal = seen_equal and (seen.dtype == t.dtype == out or torch.equal(o, bo)) or (
-            not seen_equal and torch.equal(o, bo)  # NaN is never equal, so equal chunks hold none
+        out_equal = (
+            seen_equal
+            and (seen.dtype == t.dtype == out or torch.equal(o, bo))
+            or (
+                not seen_equal and torch.equal(o, bo)  # NaN is never equal, so equal chunks hold none
+            )
         )
         seen_all &= seen_equal
         out_all &= out_equal

@@ -55,7 +55,12 @@ def _run(workdir: Path, endpoint: str) -> None:
     from hubsync.build import build
     from hubsync.plan import render
     from hubsync.push import push
-    from hubsync.testing.models import make_remote_code_vlm, make_test_image, make_trainer_output, publish_model
+    from hubsync.testing.models import (
+        make_remote_code_vlm,
+        make_test_image,
+        make_trainer_output,
+        publish_model,
+    )
     from hubsync.verify import render_report, verify
 
     _step(1, f"A local Hub at {endpoint}; publishing the tiny remote-code base {BASE_REPO}")
@@ -66,8 +71,10 @@ def _run(workdir: Path, endpoint: str) -> None:
     _step(2, "A vision-only fine-tune, saved the way trainers save it")
     finetune = make_trainer_output(base_dir, workdir / "output" / "checkpoint-3", base_repo_id=BASE_REPO)
     click.echo(f"    {finetune}: {', '.join(sorted(p.name for p in finetune.iterdir()))}")
-    click.echo("    fp32 weights, no processor config, no .py files, auto_map -> "
-               f"'{BASE_REPO}--modeling_minicpmv.MiniCPMV' (whatever code the base repo has today)")
+    click.echo(
+        "    fp32 weights, no processor config, no .py files, auto_map -> "
+        f"'{BASE_REPO}--modeling_minicpmv.MiniCPMV' (whatever code the base repo has today)"
+    )
 
     _step(3, "Loading it as people do, and calling chat()")
     click.echo(f"    {_seed_error(finetune)}")
@@ -76,11 +83,11 @@ def _run(workdir: Path, endpoint: str) -> None:
     manifest = workdir / "manifest.yaml"
     manifest.write_text(
         f"base:\n  repo: {BASE_REPO}\n  revision: {base.sha}\n"
-        "finetune:\n  path: output/checkpoint-3\n  tuned: [\"vpm.\", \"resampler.\"]\n"
+        'finetune:\n  path: output/checkpoint-3\n  tuned: ["vpm.", "resampler."]\n'
         "output:\n  dir: build/tiny-minicpmv-vision-ft\n"
         "verify:\n  device: auto\n  trust_remote_code: true\n"
         f"push:\n  repo: {TARGET_REPO}\n  private: true\n  tag: v1\n"
-        "card:\n  description: \"A vision fine-tune of a tiny MiniCPM-V look-alike, made by `hubsync demo`.\"\n"
+        'card:\n  description: "A vision fine-tune of a tiny MiniCPM-V look-alike, made by `hubsync demo`."\n'
         "  tags: [vision]\n"
     )
     click.echo("    " + manifest.read_text().replace("\n", "\n    ").rstrip())
@@ -94,11 +101,15 @@ def _run(workdir: Path, endpoint: str) -> None:
     _step(5, f"hubsync push -> {TARGET_REPO}")
     pushed = push(manifest)
     click.echo(f"    commit {pushed.commit_url}")
-    click.echo(f"    {len(pushed.uploaded)} file(s) uploaded ({pushed.bytes_uploaded:,} bytes); "
-               f"{len(pushed.copied)} shard(s) copied server-side from the base ({pushed.bytes_copied:,} bytes) "
-               f"of {pushed.bytes_in_build:,} bytes; tag {pushed.tag}")
+    click.echo(
+        f"    {len(pushed.uploaded)} file(s) uploaded ({pushed.bytes_uploaded:,} bytes); "
+        f"{len(pushed.copied)} shard(s) copied server-side from the base ({pushed.bytes_copied:,} bytes) "
+        f"of {pushed.bytes_in_build:,} bytes; tag {pushed.tag}"
+    )
     again = push(manifest)
-    click.echo(f"    pushing again: {'already up to date' if again.up_to_date else 'pushed again (unexpected)'}")
+    click.echo(
+        f"    pushing again: {'already up to date' if again.up_to_date else 'pushed again (unexpected)'}"
+    )
 
     _step(6, "The model card (front matter)")
     card = (result.output / "README.md").read_text()
@@ -111,8 +122,11 @@ def _run(workdir: Path, endpoint: str) -> None:
     fresh = Path(snapshot_download(TARGET_REPO, revision="v1", cache_dir=workdir / "fresh-cache"))
     model = AutoModel.from_pretrained(str(fresh), trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(str(fresh), trust_remote_code=True)
-    answer = model.chat(image=make_test_image(), msgs=[{"role": "user", "content": "Describe the image."}],
-                        tokenizer=tokenizer)
+    answer = model.chat(
+        image=make_test_image(),
+        msgs=[{"role": "user", "content": "Describe the image."}],
+        tokenizer=tokenizer,
+    )
     click.echo(f"    chat() answered {answer!r} (a tiny random model: the point is that it runs)")
 
 
@@ -124,7 +138,11 @@ def _seed_error(folder: Path) -> str:
     model = AutoModel.from_pretrained(str(folder), trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
     try:
-        model.chat(image=make_test_image(), msgs=[{"role": "user", "content": "Describe the image."}], tokenizer=tokenizer)
+        model.chat(
+            image=make_test_image(),
+            msgs=[{"role": "user", "content": "Describe the image."}],
+            tokenizer=tokenizer,
+        )
     except AttributeError as err:
         return f"AttributeError: {err}   <- the seed error"
     return "chat() worked (unexpected: the seed error did not reproduce)"

@@ -58,10 +58,16 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
 
     for path, kind in plan.restored:
         if kind in ("processor", "remote code", "tokenizer", "chat template", "license", "generation config"):
-            findings.append(f"{kind} file {path} is missing from the fine-tune (the build restores it from the base)")
-    findings.extend(n for n in plan.notes if "auto_map" in n or "cast to" in n or "normalised" in n or "stray" in n)
+            findings.append(
+                f"{kind} file {path} is missing from the fine-tune (the build restores it from the base)"
+            )
+    findings.extend(
+        n for n in plan.notes if "auto_map" in n or "cast to" in n or "normalised" in n or "stray" in n
+    )
     for diff in plan.config_diff:
-        findings.append(f"config.json {diff.key} was {diff.base!r} in the base and is {diff.finetune!r} here ({diff.decision})")
+        findings.append(
+            f"config.json {diff.key} was {diff.base!r} in the base and is {diff.finetune!r} here ({diff.decision})"
+        )
     from hubsync.finetune import is_leftover
 
     leftovers = [p for p in plan.dropped if is_leftover(p)]
@@ -69,7 +75,9 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
         findings.append(f"trainer leftovers that must not be published: {', '.join(leftovers)}")
     extra = [p for p in plan.dropped if not is_leftover(p)]
     if extra:
-        findings.append(f"files the base does not have, left out (finetune.keep_files keeps them): {', '.join(extra)}")
+        findings.append(
+            f"files the base does not have, left out (finetune.keep_files keeps them): {', '.join(extra)}"
+        )
     base_dtypes = {n: i.dtype for n, i in prep.base.checkpoint.tensors.items()}
     casts: dict[tuple[str, str], int] = {}
     for d in prep.diffs.values():
@@ -77,17 +85,23 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
             key = (d.finetune_dtype, base_dtypes[d.name])
             casts[key] = casts.get(key, 0) + 1
     for (src, dst), count in sorted(casts.items()):
-        findings.append(f"{count} tensor(s) saved as {src} while the base is {dst} (the build casts them back)")
+        findings.append(
+            f"{count} tensor(s) saved as {src} while the base is {dst} (the build casts them back)"
+        )
     for u in ft.unmapped:
         findings.append(f"tensor {u.name} does not map onto the base: {u.reason}")
     nonfinite = [d.name for d in prep.diffs.values() if d.nonfinite]
     if nonfinite:
-        findings.append(f"NaN or Inf in {len(nonfinite)} tensor(s), e.g. {nonfinite[0]}: the training diverged")
+        findings.append(
+            f"NaN or Inf in {len(nonfinite)} tensor(s), e.g. {nonfinite[0]}: the training diverged"
+        )
     suggested = list(plan.suggested_tuned)
     if suggested:
         findings.append(f"changed parts (declare them as finetune.tuned): {', '.join(suggested)}")
     else:
-        findings.append("no tensor differs from the base: wrong checkpoint, or the change vanished in the cast")
+        findings.append(
+            "no tensor differs from the base: wrong checkpoint, or the change vanished in the cast"
+        )
 
     remote_code = any(f.endswith(".py") for f in prep.base.files)
     out = {
@@ -96,7 +110,9 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
         "output": {"dir": f"build/{name}"},
         "verify": {"device": "auto", "trust_remote_code": remote_code},
     }
-    keep = [d.key for d in plan.config_diff if "keep_config" in d.decision and "training run" not in d.decision]
+    keep = [
+        d.key for d in plan.config_diff if "keep_config" in d.decision and "training run" not in d.decision
+    ]
     text = yaml.safe_dump(out, sort_keys=False)
     if keep:
         text += "# the trainer changed these config keys; keep them only if that was on purpose:\n"

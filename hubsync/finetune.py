@@ -43,7 +43,12 @@ LEFTOVER_PATTERNS = (
     "adapter_config.json",
     "adapter_model.*",
 )
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+)
 
 
 def is_weight_file(path: str) -> bool:
@@ -91,7 +96,11 @@ def locate(spec: FinetuneSpec) -> Path:
     import shutil
 
     def weights_in(path: Path) -> bool:
-        return any(is_weight_file(p.name) and not p.name.startswith("adapter_model") for p in path.iterdir() if p.is_file())
+        return any(
+            is_weight_file(p.name) and not p.name.startswith("adapter_model")
+            for p in path.iterdir()
+            if p.is_file()
+        )
 
     def zero_tag(path: Path) -> str | None:
         latest = path / "latest"
@@ -107,8 +116,11 @@ def locate(spec: FinetuneSpec) -> Path:
         if any(is_weight_file(p.name) for p in out.glob("*")):
             return out  # converted by an earlier build
         script = path / "zero_to_fp32.py"
-        command = (f"python {script} {path} {out} --safe_serialization" if script.is_file()
-                   else f"python -m deepspeed.utils.zero_to_fp32 {path} {out} --safe_serialization")
+        command = (
+            f"python {script} {path} {out} --safe_serialization"
+            if script.is_file()
+            else f"python -m deepspeed.utils.zero_to_fp32 {path} {out} --safe_serialization"
+        )
         try:
             from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
         except ImportError:
@@ -121,7 +133,9 @@ def locate(spec: FinetuneSpec) -> Path:
         out.mkdir()
         try:
             if "output_dir" in inspect.signature(convert_zero_checkpoint_to_fp32_state_dict).parameters:
-                convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out), tag=tag, safe_serialization=True)
+                convert_zero_checkpoint_to_fp32_state_dict(
+                    str(path), str(out), tag=tag, safe_serialization=True
+                )
             else:  # deepspeed before 0.14 writes one pickled file
                 convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out / "pytorch_model.bin"), tag=tag)
         except Exception as err:  # deepspeed raises assorted types for a damaged or partial checkpoint
@@ -139,7 +153,9 @@ def locate(spec: FinetuneSpec) -> Path:
         has_weights = weights_in(path)
         if spec.format == "peft":
             if not has_adapter:
-                raise FinetuneError(f"`finetune.format` is peft, but {path} has no adapter_config.json: check `finetune.path`.")
+                raise FinetuneError(
+                    f"`finetune.format` is peft, but {path} has no adapter_config.json: check `finetune.path`."
+                )
             return path
         if has_weights and has_adapter and spec.format == "auto":
             raise FinetuneError(
@@ -182,7 +198,7 @@ def strip_wrappers(name: str) -> str:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
                 changed = True
     return name
 
@@ -228,7 +244,9 @@ def _reverse(rule: Renaming) -> Renaming | None:
     return Renaming("^" + re.escape(rule.replacement), literal)
 
 
-def candidate_names(name: str, rules: tuple[RenameRule, ...], arch: tuple[Renaming, ...], depth: int = 3) -> list[str]:
+def candidate_names(
+    name: str, rules: tuple[RenameRule, ...], arch: tuple[Renaming, ...], depth: int = 3
+) -> list[str]:
     """Base names this fine-tune name may stand for, most likely first. transformers chains renames (an
     outer class's rule, then the inner model's), so rules are applied repeatedly, in both directions."""
     stripped = strip_wrappers(name)
@@ -296,7 +314,9 @@ def read_finetune(
     if spec.format == "peft" or (spec.format == "auto" and (folder / "adapter_config.json").is_file()):
         from hubsync.adapters import read_adapter  # a PEFT adapter becomes computed, merged tensors
 
-        adapter = read_adapter(folder, base_tensors, base_config, spec, base_repo=base_repo, base_revision=base_revision)
+        adapter = read_adapter(
+            folder, base_tensors, base_config, spec, base_repo=base_repo, base_revision=base_revision
+        )
         checkpoint, derived, problems = adapter.checkpoint, adapter.tuned_prefixes, adapter.problems
         notes.extend(adapter.notes)
     else:
@@ -307,7 +327,9 @@ def read_finetune(
     base_shapes = {name: tuple(info.shape) for name, info in base_tensors.items()}
     mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, ())
     if unmapped:  # only then is transformers' rename table worth its import (seconds, hundreds of MB)
-        mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, architecture_renames(base_config))
+        mapping, unmapped, renamed = map_names(
+            shapes, base_shapes, spec.rename, architecture_renames(base_config)
+        )
     return FinetuneInventory(
         folder=folder,
         checkpoint=checkpoint,

@@ -15,7 +15,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hubsync.errors import ManifestError, ManifestProblem
 
@@ -68,9 +76,12 @@ class _Section(BaseModel):
 class BaseSpec(_Section):
     """Where the base model comes from: a Hub repo at a pinned revision, or a local snapshot folder."""
 
-    repo: str | None = Field(None, description="Hub repo id `owner/name`; the shorthand `owner/name@revision` is accepted.")
+    repo: str | None = Field(
+        None, description="Hub repo id `owner/name`; the shorthand `owner/name@revision` is accepted."
+    )
     revision: str | None = Field(
-        None, description="Branch, tag or 40-hex commit sha. Required with `repo`: a moving `main` is never implied."
+        None,
+        description="Branch, tag or 40-hex commit sha. Required with `repo`: a moving `main` is never implied.",
     )
     path: Path | None = Field(None, description="A local base snapshot folder instead of `repo`.")
 
@@ -80,7 +91,9 @@ class BaseSpec(_Section):
         if isinstance(data, dict) and isinstance(data.get("repo"), str) and "@" in data["repo"]:
             repo, _, rev = data["repo"].partition("@")
             if data.get("revision") not in (None, rev):
-                raise ValueError(f"repo says '@{rev}' but revision says '{data['revision']}': keep one of them")
+                raise ValueError(
+                    f"repo says '@{rev}' but revision says '{data['revision']}': keep one of them"
+                )
             data = {**data, "repo": repo, "revision": rev}
         return data
 
@@ -142,16 +155,25 @@ class FinetuneSpec(_Section):
 
     path: Path = Field(..., description="The trainer's output folder (relative to the manifest).")
     tuned: tuple[str, ...] | None = Field(
-        None, description="Tensor-name prefixes (base naming) allowed to differ from the base, e.g. ['vpm.', 'resampler.']."
+        None,
+        description="Tensor-name prefixes (base naming) allowed to differ from the base, e.g. ['vpm.', 'resampler.'].",
     )
-    rename: tuple[RenameRule, ...] = Field((), description="Extra tensor renames: a list of {from: regex, to: replacement}.")
-    format: Literal["auto", "full", "peft"] = Field("auto", description="auto-detect, a full state dict, or a PEFT adapter.")
-    checkpoint: str | None = Field(None, description="Which `checkpoint-N` sub-folder to take; default: the newest.")
+    rename: tuple[RenameRule, ...] = Field(
+        (), description="Extra tensor renames: a list of {from: regex, to: replacement}."
+    )
+    format: Literal["auto", "full", "peft"] = Field(
+        "auto", description="auto-detect, a full state dict, or a PEFT adapter."
+    )
+    checkpoint: str | None = Field(
+        None, description="Which `checkpoint-N` sub-folder to take; default: the newest."
+    )
     keep_files: tuple[str, ...] = Field(
-        (), description="Repo-relative files to take from the fine-tune instead of the base (changed on purpose)."
+        (),
+        description="Repo-relative files to take from the fine-tune instead of the base (changed on purpose).",
     )
     keep_config: tuple[str, ...] = Field(
-        (), description="Dotted config.json keys whose fine-tune value is kept, e.g. 'slice_config.max_slice_nums'."
+        (),
+        description="Dotted config.json keys whose fine-tune value is kept, e.g. 'slice_config.max_slice_nums'.",
     )
 
     @field_validator("path", mode="before")
@@ -165,7 +187,9 @@ class FinetuneSpec(_Section):
         if value is None:
             return None
         if not value:
-            raise ValueError("is empty: list the tensor-name prefixes that were trained, or leave `tuned` out")
+            raise ValueError(
+                "is empty: list the tensor-name prefixes that were trained, or leave `tuned` out"
+            )
         for prefix in value:
             if not prefix.strip():
                 raise ValueError("contains an empty prefix, which would match every tensor: remove it")
@@ -180,10 +204,15 @@ class FinetuneSpec(_Section):
 class OutputSpec(_Section):
     """Where and how the built repo is written."""
 
-    dir: Path = Field(..., description="Output folder (relative to the manifest); replaced atomically by each build.")
-    dtype: OutputDtype = Field("base", description="dtype of the tuned tensors: the base's (default) or a named one.")
+    dir: Path = Field(
+        ..., description="Output folder (relative to the manifest); replaced atomically by each build."
+    )
+    dtype: OutputDtype = Field(
+        "base", description="dtype of the tuned tensors: the base's (default) or a named one."
+    )
     link: Literal["copy", "hardlink"] = Field(
-        "copy", description="How untouched base shards reach the output: a byte copy, or a hard link to the cache."
+        "copy",
+        description="How untouched base shards reach the output: a byte copy, or a hard link to the cache.",
     )
 
     @field_validator("dir", mode="before")
@@ -217,7 +246,9 @@ class PushSpec(_Section):
     """Where the build is published."""
 
     repo: str = Field(..., description="Target Hub repo id `owner/name`.")
-    private: bool = Field(True, description="Create the repo private (an existing repo keeps its visibility).")
+    private: bool = Field(
+        True, description="Create the repo private (an existing repo keeps its visibility)."
+    )
     revision: str = Field("main", description="Branch to commit to.")
     create_pr: bool = Field(False, description="Open a pull request instead of committing to the branch.")
     tag: str | None = Field(None, description="Tag to create on the new commit.")
@@ -231,7 +262,9 @@ class PushSpec(_Section):
 class CardSpec(_Section):
     """What the model card says beyond what is inherited from the base."""
 
-    license: str = Field("inherit", description="`inherit` takes the base card's license, else an SPDX-like id.")
+    license: str = Field(
+        "inherit", description="`inherit` takes the base card's license, else an SPDX-like id."
+    )
     tags: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
     language: tuple[str, ...] = ()
@@ -321,7 +354,7 @@ def _problem_from_pydantic(err: dict[str, Any], file: str, lines: _LineMap) -> M
     message = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):
-            message = message[len(prefix):]
+            message = message[len(prefix) :]
     got = err.get("input")
     if kind.startswith("literal_error"):
         message = f"{message.replace('Input should be', 'must be')}, got {got!r}"
@@ -356,13 +389,20 @@ def parse_manifest(text: str, *, file: str = "<manifest>", root: Path | None = N
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ManifestError([ManifestProblem(file, line, "", f"is not valid YAML: {problem}")], file) from None
+        raise ManifestError(
+            [ManifestProblem(file, line, "", f"is not valid YAML: {problem}")], file
+        ) from None
     lines = _LineMap()
     if node is not None:
         lines.walk(node, ())
     if not isinstance(data, dict):
         raise ManifestError(
-            [ManifestProblem(file, 1, "", "must be a YAML mapping with base:, finetune: and output: sections")], file
+            [
+                ManifestProblem(
+                    file, 1, "", "must be a YAML mapping with base:, finetune: and output: sections"
+                )
+            ],
+            file,
         )
     problems = [
         ManifestProblem(file, line, ".".join(map(str, path)), "appears twice: keep one")
@@ -371,7 +411,9 @@ def parse_manifest(text: str, *, file: str = "<manifest>", root: Path | None = N
     try:
         manifest = Manifest.model_validate(data, context={"root": root})
     except ValidationError as err:
-        problems += _drop_missing_explained_by_typo([_problem_from_pydantic(e, file, lines) for e in err.errors()])
+        problems += _drop_missing_explained_by_typo(
+            [_problem_from_pydantic(e, file, lines) for e in err.errors()]
+        )
         problems.sort(key=lambda p: (p.line or 0, p.key))
         raise ManifestError(problems, file) from None
     if problems:
@@ -383,11 +425,15 @@ def load_manifest(path: str | Path) -> Manifest:
     """Read a manifest file; relative paths inside it are taken from the manifest's folder."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError([ManifestProblem(str(path), None, "", "no such manifest file: check the path")], str(path))
+        raise ManifestError(
+            [ManifestProblem(str(path), None, "", "no such manifest file: check the path")], str(path)
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError([ManifestProblem(str(path), None, "", f"cannot be read ({err})")], str(path)) from None
+        raise ManifestError(
+            [ManifestProblem(str(path), None, "", f"cannot be read ({err})")], str(path)
+        ) from None
     return parse_manifest(text, file=str(path), root=path.resolve().parent)
 
 

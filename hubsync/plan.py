@@ -36,10 +36,25 @@ CONFIG_PAIRS: dict[str, tuple[tuple[str, str, str], ...]] = {
     ),
 }
 LOADER_FILE_KINDS = (
-    ("processor", ("preprocessor_config.json", "processor_config.json", "processing_*.py", "image_processing_*.py")),
+    (
+        "processor",
+        ("preprocessor_config.json", "processor_config.json", "processing_*.py", "image_processing_*.py"),
+    ),
     ("remote code", ("*.py",)),
-    ("tokenizer", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.txt", "spiece.model")),
+    (
+        "tokenizer",
+        (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "tokenizer.model",
+            "vocab.json",
+            "merges.txt",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "vocab.txt",
+            "spiece.model",
+        ),
+    ),
     ("chat template", ("chat_template.jinja", "chat_template.json", "additional_chat_templates/*")),
     ("generation config", ("generation_config.json",)),
     ("license", ("LICENSE*", "LICENCE*", "*license*", "*LICENSE*")),
@@ -112,7 +127,11 @@ class Plan:
 
     def raise_for_problems(self) -> None:
         if self.problems:
-            more = f" (and {len(self.problems) - 1} more problem(s): see `hubsync plan`)" if len(self.problems) > 1 else ""
+            more = (
+                f" (and {len(self.problems) - 1} more problem(s): see `hubsync plan`)"
+                if len(self.problems) > 1
+                else ""
+            )
             raise PlanError(self.problems[0] + more)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +197,16 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def _renamed_heads(base_names: dict[str, str]) -> list[str]:
+    """The leading name parts that renaming removed or replaced (e.g. `module.`), for the plan's note."""
+    heads = set()
+    for ft_name, base_name in base_names.items():
+        head = ft_name.split(".", 1)[0] + "."
+        if ft_name != base_name and not base_name.startswith(head):
+            heads.add(head)
+    return sorted(heads)
 
 
 def _copy_json(data: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +283,9 @@ def make_plan(
     base_files = set(base.files)
 
     if base.repo_id and base.revision and base.sha and base.revision != base.sha:
-        notes.append(f"base revision '{base.revision}' resolved to commit {base.sha}; the build uses and records the sha")
+        notes.append(
+            f"base revision '{base.revision}' resolved to commit {base.sha}; the build uses and records the sha"
+        )
 
     problems.extend(finetune.problems)
     notes.extend(finetune.notes)
@@ -262,7 +293,7 @@ def make_plan(
     for u in finetune.unmapped:
         problems.append(f"fine-tune tensor {u.name} does not map onto the base: {u.reason}")
     if finetune.renamed:
-        wrappers = sorted({ft.split(".", 1)[0] + "." for ft, b in finetune.base_names.items() if ft != b and not b.startswith(ft.split(".", 1)[0])})
+        wrappers = _renamed_heads(finetune.base_names)
         notes.append(
             f"{finetune.renamed} fine-tune tensor name(s) normalised onto the base's names"
             + (f" (stripped or renamed: {', '.join(wrappers)})" if wrappers else "")
@@ -281,14 +312,20 @@ def make_plan(
                 + f". Declare them: `tuned: [{', '.join(repr(p) for p in suggested)}]`"
             )
         else:
-            problems.append("the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast")
+            problems.append(
+                "the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast"
+            )
     else:
         for prefix in tuned:
             if not any(n.startswith(prefix) for n in base_tensors):
-                problems.append(f"tuned prefix '{prefix}' matches no tensor of the base: check `finetune.tuned`")
+                problems.append(
+                    f"tuned prefix '{prefix}' matches no tensor of the base: check `finetune.tuned`"
+                )
         untuned_changes = sorted(n for n in different if _under(n, tuned) is None)
         if untuned_changes:
-            shown = ", ".join(untuned_changes[:8]) + (f" and {len(untuned_changes) - 8} more" if len(untuned_changes) > 8 else "")
+            shown = ", ".join(untuned_changes[:8]) + (
+                f" and {len(untuned_changes) - 8} more" if len(untuned_changes) > 8 else ""
+            )
             where = suggest_prefixes(set(untuned_changes), unchanged)
             if allow_untuned_changes:
                 notes.append(
@@ -304,7 +341,9 @@ def make_plan(
         for name in sorted(changed):
             if _under(name, tuned) is not None:
                 if diffs[name].nonfinite:
-                    problems.append(f"tuned tensor {name} contains NaN or Inf: the training diverged; use an earlier checkpoint")
+                    problems.append(
+                        f"tuned tensor {name} contains NaN or Inf: the training diverged; use an earlier checkpoint"
+                    )
                 else:
                     take_from_finetune.add(name)
     # --- per prefix summary ---------------------------------------------------------------------------
@@ -328,13 +367,19 @@ def make_plan(
         )
         if tuned is not None and names and not ch:
             dtype = DTYPE_NAMES.get(pick_dtype(base_tensors[names[0]].dtype), "the output dtype")
-            why = f"{len(vanished)} tensor(s) changed only below {dtype} resolution" if vanished else "no tensor differs"
+            why = (
+                f"{len(vanished)} tensor(s) changed only below {dtype} resolution"
+                if vanished
+                else "no tensor differs"
+            )
             problems.append(
                 f"tuned prefix '{prefix}' is identical to the base ({why}): wrong checkpoint, or the change vanished in {dtype}"
             )
         absent = [n for n in names if n not in diffs]
         if tuned is not None and absent and len(absent) < len(names):
-            notes.append(f"{len(absent)} tensor(s) under '{prefix}' are not in the fine-tune; taken from the base")
+            notes.append(
+                f"{len(absent)} tensor(s) under '{prefix}' are not in the fine-tune; taken from the base"
+            )
 
     tensor_plans: list[TensorPlan] = []
     weight_map = base.weight_map
@@ -352,11 +397,16 @@ def make_plan(
             )
         )
     casts = Counter(
-        (diffs[t.name].finetune_dtype, t.dtype) for t in tensor_plans if t.source == "finetune" and diffs[t.name].finetune_dtype != t.dtype
+        (diffs[t.name].finetune_dtype, t.dtype)
+        for t in tensor_plans
+        if t.source == "finetune" and diffs[t.name].finetune_dtype != t.dtype
     )
     for (src, dst), count in sorted(casts.items()):
-        notes.append(f"{count} tuned tensor(s) saved as {src}, cast to {dst} (the base's dtype)" if manifest.output.dtype == "base"
-                     else f"{count} tuned tensor(s) saved as {src}, cast to {dst} (output.dtype)")
+        notes.append(
+            f"{count} tuned tensor(s) saved as {src}, cast to {dst} (the base's dtype)"
+            if manifest.output.dtype == "base"
+            else f"{count} tuned tensor(s) saved as {src}, cast to {dst} (output.dtype)"
+        )
     whole_cast = Counter((t.base_dtype, t.dtype) for t in tensor_plans if t.base_dtype != t.dtype)
     for (src, dst), count in sorted(whole_cast.items()):
         notes.append(f"{count} tensor(s) cast from {src} to {dst} (output.dtype: {manifest.output.dtype})")
@@ -376,7 +426,9 @@ def make_plan(
             index = _copy_json(base_json.get(index_path, {}))
             total = sum(_nbytes(t) for t in tensor_plans)
             index.setdefault("metadata", {})["total_size"] = total
-            files.append(FilePlan(index_path, "generated", "write-index", "total_size for the new dtype", index))
+            files.append(
+                FilePlan(index_path, "generated", "write-index", "total_size for the new dtype", index)
+            )
         else:
             files.append(FilePlan(index_path, "base", "copy", "the base's index"))
 
@@ -412,7 +464,9 @@ def make_plan(
     for key in sorted(keep_config):
         value = _get(finetune.config, key)
         if value is None:
-            problems.append(f"finetune.keep_config names '{key}', which the fine-tune's config.json does not have")
+            problems.append(
+                f"finetune.keep_config names '{key}', which the fine-tune's config.json does not have"
+            )
             continue
         config = json_out.setdefault("config.json", _copy_json(base.config))
         _set(config, key, value)
@@ -457,18 +511,28 @@ def make_plan(
         if path in weights or path in GENERATED:
             continue
         if path in keep_files and path in json_out and path == "config.json":
-            files.append(FilePlan(path, "finetune", "write-json", "finetune.keep_files, auto_map made local", json_out[path]))
+            files.append(
+                FilePlan(
+                    path, "finetune", "write-json", "finetune.keep_files, auto_map made local", json_out[path]
+                )
+            )
         elif path in keep_files:
             files.append(FilePlan(path, "finetune", "copy", "finetune.keep_files"))
         elif path in json_out:
-            files.append(FilePlan(path, "generated", "write-json", "the base's file, adjusted (see notes)", json_out[path]))
+            files.append(
+                FilePlan(
+                    path, "generated", "write-json", "the base's file, adjusted (see notes)", json_out[path]
+                )
+            )
         else:
             reason = "from the pinned base"
             if path not in finetune.files:
                 restored.append((path, _kind_of(path)))
                 reason = "missing from the fine-tune: restored from the pinned base"
             elif path not in finetune_same_files and path != ".gitattributes":
-                reason = "the fine-tune's copy differs: the pinned base's is used (finetune.keep_files keeps it)"
+                reason = (
+                    "the fine-tune's copy differs: the pinned base's is used (finetune.keep_files keeps it)"
+                )
             files.append(FilePlan(path, "base", "copy", reason))
     for path in sorted(keep_files - base_files):
         if path in finetune.files:
@@ -480,7 +544,9 @@ def make_plan(
     for kind, count in sorted(by_kind.items()):
         restored_names = ", ".join(p for p, k in restored if k == kind)
         if kind != "file":
-            notes.append(f"{kind} file(s) missing from the fine-tune, restored from the base: {restored_names}")
+            notes.append(
+                f"{kind} file(s) missing from the fine-tune, restored from the base: {restored_names}"
+            )
 
     dropped = []
     stray = {p.relative_to(finetune.folder).as_posix() for p in finetune.checkpoint.stray_files}
@@ -498,7 +564,10 @@ def make_plan(
             dropped.append(path)
     leftovers = [p for p in dropped if is_leftover(p)]
     if leftovers:
-        notes.append(f"trainer leftovers left out: {', '.join(sorted(leftovers)[:6])}" + (" ..." if len(leftovers) > 6 else ""))
+        notes.append(
+            f"trainer leftovers left out: {', '.join(sorted(leftovers)[:6])}"
+            + (" ..." if len(leftovers) > 6 else "")
+        )
 
     return Plan(
         base_label=base.label,
@@ -520,8 +589,20 @@ def make_plan(
     )
 
 
-DTYPE_SIZES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "I64": 8,
+    "I32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def _nbytes(t: TensorPlan) -> int:
@@ -541,7 +622,12 @@ def _human(n: float) -> str:
 
 def render(plan: Plan) -> str:
     """The plan as a readable table."""
-    lines = [f"base      {plan.base_label}", f"finetune  {plan.finetune_folder}", f"output    {plan.output_dir}", ""]
+    lines = [
+        f"base      {plan.base_label}",
+        f"finetune  {plan.finetune_folder}",
+        f"output    {plan.output_dir}",
+        "",
+    ]
     lines.append("files")
     width = max((len(f.path) for f in plan.files), default=10)
     for f in plan.files:
@@ -552,11 +638,15 @@ def render(plan: Plan) -> str:
         for p in plan.prefixes:
             lines.append(
                 f"  {p.prefix:<28} {f'{p.changed}/{p.tensors}':>13} {_human(p.params_changed):>9} "
-                f"{p.max_abs:>10.3g} {p.rel:>9.3g}" + (f"  ({p.vanished} vanished in the cast)" if p.vanished else "")
+                f"{p.max_abs:>10.3g} {p.rel:>9.3g}"
+                + (f"  ({p.vanished} vanished in the cast)" if p.vanished else "")
             )
     tuned = plan.tuned_tensors
-    lines += ["", f"tensors   {len(plan.tensors)} in the output, {len(tuned)} from the fine-tune, "
-              f"{len(plan.tensors) - len(tuned)} byte-identical from the base"]
+    lines += [
+        "",
+        f"tensors   {len(plan.tensors)} in the output, {len(tuned)} from the fine-tune, "
+        f"{len(plan.tensors) - len(tuned)} byte-identical from the base",
+    ]
     for t in tuned[:12]:
         lines.append(f"  {t.name}  <- {t.finetune_name}  [{t.shard}]")
     if len(tuned) > 12:
@@ -574,5 +664,3 @@ def render(plan: Plan) -> str:
     else:
         lines += ["", "ok: the plan breaks no rule"]
     return "\n".join(lines)
-
-

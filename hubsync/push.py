@@ -72,7 +72,9 @@ def _api() -> Any:
     from hubsync.resolve import _offline
 
     if _offline():
-        raise PushError("HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE.")
+        raise PushError(
+            "HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE."
+        )
     from huggingface_hub import HfApi
 
     return HfApi()
@@ -93,7 +95,12 @@ def _is_transient(err: BaseException) -> bool:
         return status == 429 or status >= 500
     name = type(err).__name__
     return isinstance(err, (ConnectionError, TimeoutError, OSError)) or name in (
-        "ConnectError", "ReadError", "RemoteProtocolError", "ReadTimeout", "ConnectTimeout", "WriteError",
+        "ConnectError",
+        "ReadError",
+        "RemoteProtocolError",
+        "ReadTimeout",
+        "ConnectTimeout",
+        "WriteError",
     )
 
 
@@ -142,7 +149,9 @@ def _check_token(api: Any, repo_id: str) -> dict[str, Any]:
         me = with_retries("whoami", api.whoami)
     except HfHubHTTPError as err:
         if _status_of(err) == 401:
-            raise PushError("the Hugging Face token was refused (401): set HF_TOKEN to a valid write token.") from None
+            raise PushError(
+                "the Hugging Face token was refused (401): set HF_TOKEN to a valid write token."
+            ) from None
         raise
     names = {me.get("name")} | {o.get("name") for o in me.get("orgs", []) if isinstance(o, dict)}
     owner = repo_id.split("/")[0]
@@ -165,7 +174,9 @@ def _remote_files(api: Any, repo_id: str, revision: str) -> dict[str, dict[str, 
     from huggingface_hub.hf_api import RepoFile
 
     files: dict[str, dict[str, Any]] = {}
-    entries = with_retries("list files", lambda: list(api.list_repo_tree(repo_id, revision=revision, recursive=True)))
+    entries = with_retries(
+        "list files", lambda: list(api.list_repo_tree(repo_id, revision=revision, recursive=True))
+    )
     for entry in entries:
         if isinstance(entry, RepoFile):
             lfs = entry.lfs
@@ -210,7 +221,9 @@ def plan_push(
     add, copy, unchanged = [], [], []
     for path, info in sorted(local.items()):
         theirs = remote.get(path)
-        if theirs is not None and (theirs.get("sha256") == info["sha256"] or theirs.get("blob") == info.get("blob")):
+        if theirs is not None and (
+            theirs.get("sha256") == info["sha256"] or theirs.get("blob") == info.get("blob")
+        ):
             unchanged.append(path)
         elif path in base_shards and (base_remote.get(path) or {}).get("sha256") == info["sha256"]:
             copy.append(path)
@@ -232,7 +245,9 @@ def push(target: Path | None, *, skip_verify_check: bool = False, quiet: bool = 
         record = verification_gate(folder)
     spec = record.get("manifest", {}).get("push")
     if not spec or not spec.get("repo"):
-        raise PushError("the manifest has no `push:` section: add `push: {repo: owner/name}` and build again.")
+        raise PushError(
+            "the manifest has no `push:` section: add `push: {repo: owner/name}` and build again."
+        )
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
@@ -250,12 +265,17 @@ def _local_files(folder: Path, record: dict[str, Any]) -> dict[str, dict[str, An
         path = folder / rel
         sha = recorded.get(rel) if rel != PROVENANCE else None
         size = path.stat().st_size
-        local[rel] = {"sha256": sha or sha256_file(path), "size": size,
-                      "blob": git_blob_sha1(path) if size < 10_000_000 else None}
+        local[rel] = {
+            "sha256": sha or sha256_file(path),
+            "size": size,
+            "blob": git_blob_sha1(path) if size < 10_000_000 else None,
+        }
     return local
 
 
-def _publish(folder: Path, record: dict[str, Any], spec: dict[str, Any], *, skip_verify_check: bool) -> PushResult:
+def _publish(
+    folder: Path, record: dict[str, Any], spec: dict[str, Any], *, skip_verify_check: bool
+) -> PushResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -292,7 +312,9 @@ def _publish(folder: Path, record: dict[str, Any], spec: dict[str, Any], *, skip
         try:
             base_remote = _remote_files(api, base["repo"], base["sha"])
         except HfHubHTTPError as err:
-            log.warning("cannot list the base repo for server-side copies (%s): uploading instead", _describe(err))
+            log.warning(
+                "cannot list the base repo for server-side copies (%s): uploading instead", _describe(err)
+            )
     plan = plan_push(local, remote, base_shards, base_remote)
     result.unchanged = list(plan.unchanged)
     if not plan.add and not plan.copy and not plan.delete and exists and parent:
@@ -306,25 +328,49 @@ def _publish(folder: Path, record: dict[str, Any], spec: dict[str, Any], *, skip
         ops: list[Any] = []
         for path in plan.add:
             data = local[path].get("content")
-            ops.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=data if data is not None else str(folder / path)))
+            ops.append(
+                CommitOperationAdd(
+                    path_in_repo=path, path_or_fileobj=data if data is not None else str(folder / path)
+                )
+            )
         for path in plan.copy:
-            ops.append(CommitOperationCopy(src_path_in_repo=path, path_in_repo=path, src_revision=base["sha"],
-                                           src_repo_id=base["repo"], src_repo_type="model"))
+            ops.append(
+                CommitOperationCopy(
+                    src_path_in_repo=path,
+                    path_in_repo=path,
+                    src_revision=base["sha"],
+                    src_repo_id=base["repo"],
+                    src_repo_type="model",
+                )
+            )
         ops += [CommitOperationDelete(path_in_repo=p) for p in plan.delete]
         return ops
 
     if not exists:
-        with_retries("create repo", lambda: api.create_repo(repo_id, private=bool(spec.get("private", True)), exist_ok=True))
+        with_retries(
+            "create repo",
+            lambda: api.create_repo(repo_id, private=bool(spec.get("private", True)), exist_ok=True),
+        )
         result.created_repo = True
     try:
         if exists and parent is None and not create_pr:
             main_head = api.repo_info(repo_id).sha
-            with_retries("create branch", lambda: api.create_branch(repo_id, branch=revision, revision=main_head))
+            with_retries(
+                "create branch", lambda: api.create_branch(repo_id, branch=revision, revision=main_head)
+            )
             created_branch, parent = True, main_head
         operations = build_operations()
         additions = [op for op in operations if isinstance(op, CommitOperationAdd)]
         if additions:
-            with_retries("upload", lambda: api.preupload_lfs_files(repo_id, additions=additions, revision=revision if not create_pr else None, create_pr=create_pr))
+            with_retries(
+                "upload",
+                lambda: api.preupload_lfs_files(
+                    repo_id,
+                    additions=additions,
+                    revision=revision if not create_pr else None,
+                    create_pr=create_pr,
+                ),
+            )
         message = _commit_message(record)
         info = with_retries(
             "commit",
@@ -346,7 +392,9 @@ def _publish(folder: Path, record: dict[str, Any], spec: dict[str, Any], *, skip
                 f"{repo_id}@{revision} moved while pushing (someone else committed): run `hubsync status` and push again."
             ) from None
         if status == 403:
-            raise PushError(f"the token cannot write to {repo_id} (403): use a write token for that namespace.") from None
+            raise PushError(
+                f"the token cannot write to {repo_id} (403): use a write token for that namespace."
+            ) from None
         raise PushError(
             f"the push to {repo_id} failed ({_describe(err)}) after {RETRIES} retries; the repo is unchanged. "
             "Run `hubsync push` again later."
@@ -384,9 +432,15 @@ def _skip_card(folder: Path, record: dict[str, Any], current: dict[str, Any] | N
         return current or {}
     from hubsync.card import render_card
 
-    text = render_card(replace(inputs, verification=record.get("verification"), skip_verify_check=True)).encode()
-    return {"sha256": hashlib.sha256(text).hexdigest(), "size": len(text), "content": text,
-            "blob": hashlib.sha1(b"blob %d\0" % len(text) + text).hexdigest()}
+    text = render_card(
+        replace(inputs, verification=record.get("verification"), skip_verify_check=True)
+    ).encode()
+    return {
+        "sha256": hashlib.sha256(text).hexdigest(),
+        "size": len(text),
+        "content": text,
+        "blob": hashlib.sha1(b"blob %d\0" % len(text) + text).hexdigest(),
+    }
 
 
 def _rollback(api: Any, repo_id: str, created_repo: bool, created_branch: str | None) -> None:
@@ -397,7 +451,9 @@ def _rollback(api: Any, repo_id: str, created_repo: bool, created_branch: str | 
         elif created_branch:
             api.delete_branch(repo_id, branch=created_branch)
     except Exception as err:  # noqa: BLE001 - the original error matters more
-        log.warning("could not undo the repo/branch this push created (%s): delete it by hand", _describe(err))
+        log.warning(
+            "could not undo the repo/branch this push created (%s): delete it by hand", _describe(err)
+        )
 
 
 def _maybe_tag(api: Any, repo_id: str, tag: str | None, commit: str, result: PushResult) -> None:
@@ -411,12 +467,16 @@ def _maybe_tag(api: Any, repo_id: str, tag: str | None, commit: str, result: Pus
         result.tag = tag
         return
     if tag in existing:
-        raise PushError(f"tag {tag} already exists on another commit of {repo_id}: choose another `push.tag`.")
+        raise PushError(
+            f"tag {tag} already exists on another commit of {repo_id}: choose another `push.tag`."
+        )
     try:
         with_retries("tag", lambda: api.create_tag(repo_id, tag=tag, revision=commit))
     except HfHubHTTPError as err:
-        raise PushError(f"the commit is published but tag {tag} could not be created ({_describe(err)}): "
-                        "create it by hand or push again.") from None
+        raise PushError(
+            f"the commit is published but tag {tag} could not be created ({_describe(err)}): "
+            "create it by hand or push again."
+        ) from None
     result.tag = tag
 
 
@@ -430,8 +490,11 @@ def _commit_message(record: dict[str, Any]) -> str:
 def _commit_description(record: dict[str, Any]) -> str:
     base = record.get("base", {})
     tuned = ", ".join(p.get("prefix", "") for p in record.get("prefixes", []))
-    lines = [f"Base: {base.get('repo')} at {base.get('sha')}" if base.get("repo") else "Base: a local folder",
-             f"Tuned: {tuned or 'nothing'}", f"Manifest: {Path(record.get('manifest_path', '')).name}"]
+    lines = [
+        f"Base: {base.get('repo')} at {base.get('sha')}" if base.get("repo") else "Base: a local folder",
+        f"Tuned: {tuned or 'nothing'}",
+        f"Manifest: {Path(record.get('manifest_path', '')).name}",
+    ]
     return "\n".join(lines)
 
 
@@ -443,7 +506,11 @@ def status(target: Path | None) -> dict[str, Any]:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     folder = find_build(target)
-    record = json.loads((folder / PROVENANCE).read_text(encoding="utf-8")) if (folder / PROVENANCE).is_file() else None
+    record = (
+        json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
+        if (folder / PROVENANCE).is_file()
+        else None
+    )
     if record is None:
         raise PushError(f"{folder} holds no hubsync build: run `hubsync build` first.")
     api = _api()
@@ -460,8 +527,14 @@ def status(target: Path | None) -> dict[str, Any]:
         if moved:
             old, new = _remote_files(api, base["repo"], pinned), _remote_files(api, base["repo"], head)
             changed = sorted(p for p in set(old) | set(new) if old.get(p) != new.get(p))
-        out["base"] = {"repo": base["repo"], "revision": revision, "pinned": pinned, "head": head,
-                       "moved": moved, "changed_files": changed}
+        out["base"] = {
+            "repo": base["repo"],
+            "revision": revision,
+            "pinned": pinned,
+            "head": head,
+            "moved": moved,
+            "changed_files": changed,
+        }
     spec = record.get("manifest", {}).get("push") or {}
     if spec.get("repo"):
         repo_id, branch = spec["repo"], spec.get("revision") or "main"
@@ -470,15 +543,28 @@ def status(target: Path | None) -> dict[str, Any]:
             head = with_retries("repo head", lambda: api.repo_info(repo_id, revision=branch).sha)
             remote = _remote_files(api, repo_id, head)
             commits = with_retries("commits", lambda: api.list_repo_commits(repo_id, revision=branch))
-            last = {"id": commits[0].commit_id, "title": commits[0].title,
-                    "date": commits[0].created_at.isoformat()} if commits else None
+            last = (
+                {
+                    "id": commits[0].commit_id,
+                    "title": commits[0].title,
+                    "date": commits[0].created_at.isoformat(),
+                }
+                if commits
+                else None
+            )
         except (RepositoryNotFoundError, RevisionNotFoundError):
             remote, last, head = {}, None, None
         plan = plan_push(local, remote, {}, {})
         out["remote"] = {
-            "repo": repo_id, "revision": branch, "exists": head is not None, "head": head, "last_commit": last,
-            "added": [p for p in plan.add if p not in remote], "changed": [p for p in plan.add if p in remote],
-            "deleted": list(plan.delete), "in_sync": not plan.add and not plan.delete and head is not None,
+            "repo": repo_id,
+            "revision": branch,
+            "exists": head is not None,
+            "head": head,
+            "last_commit": last,
+            "added": [p for p in plan.add if p not in remote],
+            "changed": [p for p in plan.add if p in remote],
+            "deleted": list(plan.delete),
+            "in_sync": not plan.add and not plan.delete and head is not None,
         }
     return out
 
@@ -490,19 +576,27 @@ def render_status(data: dict[str, Any]) -> str:
         if base["head"] is None:
             lines.append(f"base    {base['repo']}@{base['revision']}: cannot be resolved any more")
         elif base["moved"]:
-            lines.append(f"base    {base['repo']}@{base['revision']} MOVED: pinned {base['pinned'][:12]}, now "
-                         f"{base['head'][:12]}; changed there: {', '.join(base['changed_files']) or '(nothing)'}")
+            lines.append(
+                f"base    {base['repo']}@{base['revision']} MOVED: pinned {base['pinned'][:12]}, now "
+                f"{base['head'][:12]}; changed there: {', '.join(base['changed_files']) or '(nothing)'}"
+            )
         else:
-            lines.append(f"base    {base['repo']}@{base['revision']} still at the pinned {base['pinned'][:12]}")
+            lines.append(
+                f"base    {base['repo']}@{base['revision']} still at the pinned {base['pinned'][:12]}"
+            )
     remote = data.get("remote")
     if remote:
         if not remote["exists"]:
-            lines.append(f"remote  {remote['repo']}@{remote['revision']} does not exist yet: `hubsync push` creates it")
+            lines.append(
+                f"remote  {remote['repo']}@{remote['revision']} does not exist yet: `hubsync push` creates it"
+            )
         elif remote["in_sync"]:
             lines.append(f"remote  {remote['repo']}@{remote['revision']} matches the build")
         else:
-            lines.append(f"remote  {remote['repo']}@{remote['revision']} differs: added {remote['added']}, changed "
-                         f"{remote['changed']}, deleted {remote['deleted']}")
+            lines.append(
+                f"remote  {remote['repo']}@{remote['revision']} differs: added {remote['added']}, changed "
+                f"{remote['changed']}, deleted {remote['deleted']}"
+            )
         if remote.get("last_commit"):
             c = remote["last_commit"]
             lines.append(f"last    {c['id'][:12]} {c['title']} ({c['date']})")

@@ -682,7 +682,9 @@ def load_tensor(info: TensorRef, *, error: ErrorType = FinetuneError) -> torch.T
     if isinstance(info, ComputedTensor):
         value = info.compute()
         if tuple(value.shape) != tuple(info.shape):
-            raise error(f"computed tensor {info.name} has shape {list(value.shape)}, expected {list(info.shape)}")
+            raise error(
+                f"computed tensor {info.name} has shape {list(value.shape)}, expected {list(info.shape)}"
+            )
         return value.to(dtype)
     if isinstance(info, BinTensorRef):
         value = _bin_cache.get(info.file, error).get(info.name)

@@ -28,7 +28,16 @@ log = logging.getLogger("hubsync")
 PROVENANCE = "hubsync.json"
 SAMPLE_TEXT = "Describe the image. There is a white cat sitting on a brown table."
 DEFAULT_PROMPT = "Describe the image."
-VISION_HINTS = ("vpm", "vision", "visual", "resampler", "multi_modal_projector", "mm_projector", "image", "img")
+VISION_HINTS = (
+    "vpm",
+    "vision",
+    "visual",
+    "resampler",
+    "multi_modal_projector",
+    "mm_projector",
+    "image",
+    "img",
+)
 # Same weights, same inputs, same kernels give the same logits on a CPU; GPU kernels may reorder sums.
 TOLERANCE = {"cpu": 0.0, "cuda": 1e-2}
 
@@ -60,7 +69,9 @@ class Report:
     def failures(self) -> list[Check]:
         return [c for c in self.checks if c.ok is False]
 
-    def add(self, name: str, ok: bool | None, detail: str, evidence: list[str] | None = None, **figures: Any) -> Check:
+    def add(
+        self, name: str, ok: bool | None, detail: str, evidence: list[str] | None = None, **figures: Any
+    ) -> Check:
         check = Check(name, ok, detail, evidence or [], figures)
         self.checks.append(check)
         log.debug("%s %s: %s", {True: "pass", False: "FAIL", None: "skip"}[ok], name, detail)
@@ -114,7 +125,9 @@ def load_subject(target: Path) -> Subject:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise VerifyError(f"{target} has no {PROVENANCE}: it was not built by hubsync; run `hubsync build`.") from None
+        raise VerifyError(
+            f"{target} has no {PROVENANCE}: it was not built by hubsync; run `hubsync build`."
+        ) from None
     except ValueError as err:
         raise VerifyError(f"{path} is not valid JSON ({err}): rebuild with `hubsync build`.") from None
     base = record.get("base", {})
@@ -125,7 +138,9 @@ def load_subject(target: Path) -> Subject:
     else:
         base_folder = Path(base.get("path") or "")
         if not base_folder.is_dir():
-            raise VerifyError(f"the base folder {base_folder} recorded in {path} is gone: restore it or rebuild.")
+            raise VerifyError(
+                f"the base folder {base_folder} recorded in {path} is gone: restore it or rebuild."
+            )
     ft = Path(record.get("finetune", {}).get("folder", ""))
     settings = record.get("manifest", {}).get("verify", {})
     image = settings.get("image")
@@ -147,7 +162,9 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise VerifyError(f"verify.device is {requested} but no CUDA device is visible: use `device: auto` or cpu.")
+        raise VerifyError(
+            f"verify.device is {requested} but no CUDA device is visible: use `device: auto` or cpu."
+        )
     return requested
 
 
@@ -173,7 +190,8 @@ def check_files(subject: Subject, report: Report) -> None:
     report.add(
         "files present",
         not missing,
-        f"{len(missing)} file(s) of the base revision are missing: {', '.join(missing)}" if missing
+        f"{len(missing)} file(s) of the base revision are missing: {', '.join(missing)}"
+        if missing
         else f"all {len(needed)} non-weight file(s) of the base revision are present",
         evidence=missing,
     )
@@ -183,12 +201,19 @@ def check_files(subject: Subject, report: Report) -> None:
     for name, data in jsons.items():
         for ref in _auto_map_refs(data):
             if "--" in ref:
-                bad.append(f"{name}: '{ref}' runs code from another repo (the 'repo--' form), not the local files")
+                bad.append(
+                    f"{name}: '{ref}' runs code from another repo (the 'repo--' form), not the local files"
+                )
                 continue
             module = ref.rsplit(".", 1)[0]
             if f"{module.replace('.', '/')}.py" not in out_files:
                 bad.append(f"{name}: '{ref}' needs {module}.py, which is not in the folder")
-    report.add("auto_map is local", not bad, bad[0] if bad else "every auto_map entry points at a local .py file", bad)
+    report.add(
+        "auto_map is local",
+        not bad,
+        bad[0] if bad else "every auto_map entry points at a local .py file",
+        bad,
+    )
 
     config = jsons.get("config.json", {})
     disagree = []
@@ -197,8 +222,12 @@ def check_files(subject: Subject, report: Report) -> None:
         if a is not None and b is not None and a != b:
             disagree.append(f"config.json {cfg_key}={a!r} but {proc_file} {proc_key}={b!r}")
     if CONFIG_PAIRS.get(str(config.get("model_type"))):
-        report.add("config and processor config agree", not disagree,
-                   disagree[0] if disagree else "the architecture's paired keys agree", disagree)
+        report.add(
+            "config and processor config agree",
+            not disagree,
+            disagree[0] if disagree else "the architecture's paired keys agree",
+            disagree,
+        )
 
 
 def check_tokenizer_and_processor(subject: Subject, report: Report) -> None:
@@ -228,7 +257,9 @@ def check_tokenizer_and_processor(subject: Subject, report: Report) -> None:
         evidence=[f"build ids {ids[:24]}", f"base ids {base_ids[:24]}", f"build decode {text!r}"],
     )
 
-    has_processor = any((subject.base_folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
+    has_processor = any(
+        (subject.base_folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")
+    )
     processor = None
     if has_processor:
         try:
@@ -253,17 +284,38 @@ def check_tokenizer_and_processor(subject: Subject, report: Report) -> None:
             {"role": "user", "content": "Describe the image."},
         ]
         try:
-            rendered = template_owner.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            ok = isinstance(rendered, str) and "Hello, who are you?" in rendered and "Describe the image." in rendered
-            report.add("chat template", ok, f"renders a two-turn conversation ({len(rendered)} characters)" if ok
-                       else "the chat template renders without the conversation's text")
+            rendered = template_owner.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
+            ok = (
+                isinstance(rendered, str)
+                and "Hello, who are you?" in rendered
+                and "Describe the image." in rendered
+            )
+            report.add(
+                "chat template",
+                ok,
+                f"renders a two-turn conversation ({len(rendered)} characters)"
+                if ok
+                else "the chat template renders without the conversation's text",
+            )
         except Exception as err:  # noqa: BLE001
-            report.add("chat template", False, f"the chat template fails on a two-turn conversation: {_one_line(err)}")
+            report.add(
+                "chat template",
+                False,
+                f"the chat template fails on a two-turn conversation: {_one_line(err)}",
+            )
     else:
-        base_has = any((subject.base_folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json"))
-        report.add("chat template", False if base_has else None,
-                   "the base has a chat template but the build's tokenizer and processor have none" if base_has
-                   else "the base has no chat template")
+        base_has = any(
+            (subject.base_folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json")
+        )
+        report.add(
+            "chat template",
+            False if base_has else None,
+            "the base has a chat template but the build's tokenizer and processor have none"
+            if base_has
+            else "the base has no chat template",
+        )
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -276,7 +328,9 @@ def check_weights(subject: Subject, report: Report) -> None:
         report.add("weights readable", False, err.one_line())
         return
     base = T.list_checkpoint(subject.base_folder, error=VerifyError)
-    report.add("weights readable", True, f"{len(out.files)} shard(s); the index covers exactly the tensors in them")
+    report.add(
+        "weights readable", True, f"{len(out.files)} shard(s); the index covers exactly the tensors in them"
+    )
 
     manifest_dtype = subject.record.get("manifest", {}).get("output", {}).get("dtype", "base")
     from hubsync.plan import FLOAT_DTYPES, NAMED_DTYPES
@@ -291,9 +345,15 @@ def check_weights(subject: Subject, report: Report) -> None:
         if b is None or o is None:
             layout.append(f"{name}: {'missing from the build' if o is None else 'not in the base'}")
         elif tuple(b.shape) != tuple(o.shape) or o.dtype != expected_dtype(b.dtype):
-            layout.append(f"{name}: {o.dtype} {list(o.shape)}, expected {expected_dtype(b.dtype)} {list(b.shape)}")
-    report.add("tensor layout", not layout, layout[0] if layout else
-               f"{len(out.tensors)} tensors with the base's names, shapes and dtypes", layout[:20])
+            layout.append(
+                f"{name}: {o.dtype} {list(o.shape)}, expected {expected_dtype(b.dtype)} {list(b.shape)}"
+            )
+    report.add(
+        "tensor layout",
+        not layout,
+        layout[0] if layout else f"{len(out.tensors)} tensors with the base's names, shapes and dtypes",
+        layout[:20],
+    )
     if layout:
         return
 
@@ -310,7 +370,9 @@ def check_weights(subject: Subject, report: Report) -> None:
             ft = T.list_checkpoint(subject.finetune_folder, error=VerifyError)
     base_shard_sha = {p.name: _cached_sha(p) for p in base.files}
     identical_shards = {
-        p.name for p in out.files if base_shard_sha.get(p.name) and _file_sha(subject.record, p.name) == base_shard_sha[p.name]
+        p.name
+        for p in out.files
+        if base_shard_sha.get(p.name) and _file_sha(subject.record, p.name) == base_shard_sha[p.name]
     }
     untuned_bad, tuned_bad, nonfinite = [], [], []
     deltas: dict[str, dict[str, float]] = {}
@@ -319,7 +381,9 @@ def check_weights(subject: Subject, report: Report) -> None:
         if name not in tuned:
             if o.file.name in identical_shards and o.dtype == b.dtype:
                 continue
-            same_bytes = isinstance(b, T.TensorInfo) and isinstance(o, T.TensorInfo) and T.tensor_bytes_equal(b, o)
+            same_bytes = (
+                isinstance(b, T.TensorInfo) and isinstance(o, T.TensorInfo) and T.tensor_bytes_equal(b, o)
+            )
             if o.dtype == b.dtype and not same_bytes:
                 untuned_bad.append(name)
             continue
@@ -342,17 +406,37 @@ def check_weights(subject: Subject, report: Report) -> None:
         if math.isfinite(rel):  # a zero base tensor has no relative change
             d["rel"] = max(d["rel"], rel)
         del out_t, base_t
-    report.add("no NaN or Inf", not nonfinite,
-               f"NaN or Inf in {len(nonfinite)} tuned tensor(s): {', '.join(nonfinite[:5])}" if nonfinite
-               else "no NaN or Inf in the tuned tensors", nonfinite[:20])
-    report.add("tuned tensors are the fine-tune's", not tuned_bad,
-               tuned_bad[0] if tuned_bad else f"{len(tuned)} tuned tensor(s) equal the fine-tune after the cast"
-               + ("" if ft is not None or not tuned else " (fine-tune folder not available: compared with the base only)"),
-               tuned_bad[:20], deltas=deltas)
-    report.add("other tensors are the base's", not untuned_bad,
-               f"{len(untuned_bad)} tensor(s) outside the tuned parts differ from the base: {', '.join(untuned_bad[:5])}"
-               if untuned_bad else f"{len(out.tensors) - len(tuned)} tensor(s) byte-identical to the base "
-               f"({len(identical_shards)} shard(s) identical as files)", untuned_bad[:20])
+    report.add(
+        "no NaN or Inf",
+        not nonfinite,
+        f"NaN or Inf in {len(nonfinite)} tuned tensor(s): {', '.join(nonfinite[:5])}"
+        if nonfinite
+        else "no NaN or Inf in the tuned tensors",
+        nonfinite[:20],
+    )
+    report.add(
+        "tuned tensors are the fine-tune's",
+        not tuned_bad,
+        tuned_bad[0]
+        if tuned_bad
+        else f"{len(tuned)} tuned tensor(s) equal the fine-tune after the cast"
+        + (
+            ""
+            if ft is not None or not tuned
+            else " (fine-tune folder not available: compared with the base only)"
+        ),
+        tuned_bad[:20],
+        deltas=deltas,
+    )
+    report.add(
+        "other tensors are the base's",
+        not untuned_bad,
+        f"{len(untuned_bad)} tensor(s) outside the tuned parts differ from the base: {', '.join(untuned_bad[:5])}"
+        if untuned_bad
+        else f"{len(out.tensors) - len(tuned)} tensor(s) byte-identical to the base "
+        f"({len(identical_shards)} shard(s) identical as files)",
+        untuned_bad[:20],
+    )
 
 
 def check_hashes(subject: Subject, report: Report) -> dict[str, str]:
@@ -369,8 +453,12 @@ def check_hashes(subject: Subject, report: Report) -> dict[str, str]:
     extra = sorted(set(current) - set(recorded))
     problems = [f"{k} changed since the build" if k in current else f"{k} is missing" for k in changed]
     problems += [f"{k} was added after the build" for k in extra]
-    report.add("files match hubsync.json", not problems, problems[0] if problems else
-               f"sha256 of all {len(current)} file(s) match the build record", problems)
+    report.add(
+        "files match hubsync.json",
+        not problems,
+        problems[0] if problems else f"sha256 of all {len(current)} file(s) match the build record",
+        problems,
+    )
     return current
 
 
@@ -414,7 +502,12 @@ def _model_class(folder: Path, trust: bool) -> Callable[..., Any]:
                 "the model needs its own code (config.json has an auto_map): set `verify.trust_remote_code: true` "
                 "to allow the pinned base revision's code to run"
             )
-        for key in ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModelForVision2Seq", "AutoModel"):
+        for key in (
+            "AutoModelForImageTextToText",
+            "AutoModelForCausalLM",
+            "AutoModelForVision2Seq",
+            "AutoModel",
+        ):
             if key in auto_map:
                 return getattr(transformers, key).from_pretrained  # type: ignore[no-any-return]
     for arch in config.get("architectures") or []:
@@ -436,8 +529,12 @@ def _too_big_for_one_gpu(folder: Path, device: str) -> bool:
 def load_model(folder: Path, trust: bool, device: str) -> tuple[Any, dict[str, Any], str | None]:
     """Load with transformers in the checkpoint's dtype, with loading info; local files only."""
     load = _model_class(folder, trust)
-    kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": trust, "local_files_only": True,
-                              "output_loading_info": True}
+    kwargs: dict[str, Any] = {
+        "dtype": "auto",
+        "trust_remote_code": trust,
+        "local_files_only": True,
+        "output_loading_info": True,
+    }
     device_map = None
     if _too_big_for_one_gpu(folder, device):
         device_map = "auto"
@@ -511,7 +608,9 @@ class RunOutputs:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def run_model(folder: Path, subject: Subject, device: str, report: Report, label: str, *, generate: bool) -> RunOutputs:
+def run_model(
+    folder: Path, subject: Subject, device: str, report: Report, label: str, *, generate: bool
+) -> RunOutputs:
     """Load one model, run the probes, keep only small CPU copies of the outputs, free the device."""
     import torch
     from transformers import AutoProcessor, AutoTokenizer
@@ -527,20 +626,26 @@ def run_model(folder: Path, subject: Subject, device: str, report: Report, label
     processor = None
     if any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
         try:
-            processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=trust, local_files_only=True)
+            processor = AutoProcessor.from_pretrained(
+                str(folder), trust_remote_code=trust, local_files_only=True
+            )
         except Exception as err:  # noqa: BLE001 - reported by the files checks
             out.errors["processor"] = _one_line(err)
     captured: dict[str, Any] = {}
 
     def capture(key: str) -> Callable[..., None]:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:  # must return None: a value replaces the output
+        def hook(
+            _module: Any, _inputs: Any, output: Any
+        ) -> None:  # must return None: a value replaces the output
             if key not in captured:
                 captured[key] = _first_tensor(output)
 
         return hook
 
-    hooks = [module.register_forward_hook(capture(prefix))
-             for prefix, module in _tuned_modules(model, subject.tuned_prefixes).items()]
+    hooks = [
+        module.register_forward_hook(capture(prefix))
+        for prefix, module in _tuned_modules(model, subject.tuned_prefixes).items()
+    ]
     first_device = next(model.parameters()).device
     try:
         with torch.inference_mode(), _timed(report, f"text forward {label}"):
@@ -558,7 +663,9 @@ def run_model(folder: Path, subject: Subject, device: str, report: Report, label
             if hasattr(model, "chat"):
                 msgs = [{"role": "user", "content": subject.prompt}]
                 try:
-                    text = model.chat(image=image, msgs=msgs, tokenizer=tok, processor=processor, max_new_tokens=8)
+                    text = model.chat(
+                        image=image, msgs=msgs, tokenizer=tok, processor=processor, max_new_tokens=8
+                    )
                 except TypeError:  # a chat() without the processor argument
                     text = model.chat(image=image, msgs=msgs, tokenizer=tok, max_new_tokens=8)
                 out.generated = text if isinstance(text, str) else str(text)
@@ -567,7 +674,9 @@ def run_model(folder: Path, subject: Subject, device: str, report: Report, label
                 out.image_logits = model(**inputs).logits.float().cpu()
                 if generate:
                     new = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-                    out.generated = processor.decode(new[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                    out.generated = processor.decode(
+                        new[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                    )
             else:
                 out.errors["image"] = "no processor to build an image input"
     except Exception as err:  # noqa: BLE001 - a model that does not run is the finding
@@ -592,7 +701,9 @@ def check_load_and_run(subject: Subject, report: Report) -> None:
     import torch
 
     device = pick_device(subject.device)
-    report.device = device if not device.startswith("cuda") else f"{device} ({torch.cuda.get_device_name(device)})"
+    report.device = (
+        device if not device.startswith("cuda") else f"{device} ({torch.cuda.get_device_name(device)})"
+    )
     try:
         base = run_model(subject.base_folder, subject, device, report, "base", generate=False)
         build = run_model(subject.folder, subject, device, report, "build", generate=True)
@@ -604,56 +715,93 @@ def check_load_and_run(subject: Subject, report: Report) -> None:
         return
     report.device_map = build.device_map
     info = build.loading_info
-    problems = [f"{k}: {', '.join(map(str, v[:5]))}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                if (v := info.get(k))]
-    report.add("model loads", not problems,
-               "loads with no missing, unexpected or mismatched keys"
-               + (" (spread with device_map='auto')" if build.device_map else "")
-               if not problems else f"loading reports {problems[0]}", problems)
+    problems = [
+        f"{k}: {', '.join(map(str, v[:5]))}"
+        for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if (v := info.get(k))
+    ]
+    report.add(
+        "model loads",
+        not problems,
+        "loads with no missing, unexpected or mismatched keys"
+        + (" (spread with device_map='auto')" if build.device_map else "")
+        if not problems
+        else f"loading reports {problems[0]}",
+        problems,
+    )
 
     vision_only = bool(subject.tuned_prefixes) and all(
         any(h in p.lower() for h in VISION_HINTS) for p in subject.tuned_prefixes
     )
     tol = TOLERANCE["cuda" if device.startswith("cuda") else "cpu"]
     if base.text_logits is None or build.text_logits is None:
-        report.add("frozen parts untouched", None, "no text-only forward for this architecture: "
-                   + (build.errors.get("text") or base.errors.get("text") or "unknown"))
+        report.add(
+            "frozen parts untouched",
+            None,
+            "no text-only forward for this architecture: "
+            + (build.errors.get("text") or base.errors.get("text") or "unknown"),
+        )
     else:
         diff = float((base.text_logits - build.text_logits).abs().max())
         if vision_only:
-            report.add("frozen parts untouched", diff <= tol,
-                       f"text-only logits equal the base's (max |Δ| {diff:.3g}, tolerance {tol:g})" if diff <= tol
-                       else f"text-only logits differ from the base's by {diff:.3g} (tolerance {tol:g}): "
-                       "the language model changed although only vision parts were tuned",
-                       max_abs=diff, tolerance=tol)
+            report.add(
+                "frozen parts untouched",
+                diff <= tol,
+                f"text-only logits equal the base's (max |Δ| {diff:.3g}, tolerance {tol:g})"
+                if diff <= tol
+                else f"text-only logits differ from the base's by {diff:.3g} (tolerance {tol:g}): "
+                "the language model changed although only vision parts were tuned",
+                max_abs=diff,
+                tolerance=tol,
+            )
         else:
-            report.add("frozen parts untouched", None,
-                       f"the language model was tuned; text-only logits differ by {diff:.3g}", max_abs=diff)
+            report.add(
+                "frozen parts untouched",
+                None,
+                f"the language model was tuned; text-only logits differ by {diff:.3g}",
+                max_abs=diff,
+            )
 
     live: dict[str, float] = {}
     for prefix, value in build.tuned_outputs.items():
         ref = base.tuned_outputs.get(prefix)
         if ref is not None and ref.shape == value.shape:
             live[prefix] = float((ref - value).abs().max())
-    if build.image_logits is not None and base.image_logits is not None and base.image_logits.shape == build.image_logits.shape:
+    if (
+        build.image_logits is not None
+        and base.image_logits is not None
+        and base.image_logits.shape == build.image_logits.shape
+    ):
         live["logits"] = float((base.image_logits - build.image_logits).abs().max())
     if not live:
-        report.add("tuned parts are live", None if not subject.tuned_prefixes else False,
-                   "could not observe the tuned parts in a forward with an image: "
-                   + (build.errors.get("run") or build.errors.get("image") or "no tuned module ran"))
+        report.add(
+            "tuned parts are live",
+            None if not subject.tuned_prefixes else False,
+            "could not observe the tuned parts in a forward with an image: "
+            + (build.errors.get("run") or build.errors.get("image") or "no tuned module ran"),
+        )
     else:
         dead = [p for p, d in live.items() if d == 0.0 and p != "logits"]
-        report.add("tuned parts are live", not dead,
-                   "a forward with an image differs from the base's: "
-                   + ", ".join(f"{p} max |Δ| {d:.3g}" for p, d in live.items())
-                   if not dead else f"{', '.join(dead)} gives the base's output on an image: the tuned weights are "
-                   "not the ones being used", deltas=live)
+        report.add(
+            "tuned parts are live",
+            not dead,
+            "a forward with an image differs from the base's: "
+            + ", ".join(f"{p} max |Δ| {d:.3g}" for p, d in live.items())
+            if not dead
+            else f"{', '.join(dead)} gives the base's output on an image: the tuned weights are "
+            "not the ones being used",
+            deltas=live,
+        )
 
     if build.generated is not None:
         report.add("generation", True, f"greedy generation with an image returned {build.generated!r}")
     else:
-        report.add("generation", False, "generation with an image failed: "
-                   + (build.errors.get("run") or build.errors.get("image") or "no text returned"))
+        report.add(
+            "generation",
+            False,
+            "generation with an image failed: "
+            + (build.errors.get("run") or build.errors.get("image") or "no text returned"),
+        )
 
 
 def _one_line(err: BaseException) -> str:
@@ -678,8 +826,12 @@ def _versions() -> dict[str, str]:
 
     from hubsync import __version__
 
-    return {"hubsync": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "hubsync": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -726,8 +878,11 @@ def _record(subject: Subject, report: Report, current: dict[str, str]) -> None:
         sha = T.sha256_file(subject.folder / "README.md")
         covered["README.md"] = sha
         files = dict(record.get("files", {}))
-        files["README.md"] = {**files.get("README.md", {"source": "generated"}), "sha256": sha,
-                              "size": (subject.folder / "README.md").stat().st_size}
+        files["README.md"] = {
+            **files.get("README.md", {"source": "generated"}),
+            "sha256": sha,
+            "size": (subject.folder / "README.md").stat().st_size,
+        }
         record["files"] = files
     record["verification"] = report.to_record(covered)
     write_json_atomic(subject.folder / PROVENANCE, record)
@@ -754,21 +909,29 @@ def verification_gate(folder: Path) -> dict[str, Any]:
         raise VerifyError(f"{folder} has no readable {PROVENANCE}: build it with `hubsync build`.") from None
     verification = record.get("verification")
     if not verification:
-        raise VerifyError(f"{folder} was never verified: run `hubsync verify {folder}` (or push with --skip-verify-check).")
+        raise VerifyError(
+            f"{folder} was never verified: run `hubsync verify {folder}` (or push with --skip-verify-check)."
+        )
     if not verification.get("passed"):
         failed = next((c for c in verification.get("checks", []) if c.get("ok") is False), {})
-        raise VerifyError(f"the verification of {folder} failed ({failed.get('name')}: {failed.get('detail')}): "
-                          "fix the build and run `hubsync verify` again.")
+        raise VerifyError(
+            f"the verification of {folder} failed ({failed.get('name')}: {failed.get('detail')}): "
+            "fix the build and run `hubsync verify` again."
+        )
     covered = verification.get("files_sha256", {})
     now = {rel for rel in list_files(folder) if rel != PROVENANCE}
     for rel in sorted(now | set(covered)):
         if rel not in covered or rel not in now or T.sha256_file(folder / rel) != covered[rel]:
-            raise VerifyError(f"{rel} changed after verification: run `hubsync verify {folder}` again before pushing.")
+            raise VerifyError(
+                f"{rel} changed after verification: run `hubsync verify {folder}` again before pushing."
+            )
     return record
 
 
 def render_report(report: Report) -> str:
-    lines = [f"verify {report.folder} on {report.device}" + (" (device_map=auto)" if report.device_map else "")]
+    lines = [
+        f"verify {report.folder} on {report.device}" + (" (device_map=auto)" if report.device_map else "")
+    ]
     for c in report.checks:
         mark = {True: "pass", False: "FAIL", None: "skip"}[c.ok]
         lines.append(f"  {mark}  {c.name}: {c.detail}")
@@ -777,10 +940,13 @@ def render_report(report: Report) -> str:
     lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
     if report.memory:
         lines.append("peak memory: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in report.memory.items()))
-    lines.append("PASSED" if report.passed else f"FAILED: {report.failures[0].name}: {report.failures[0].detail}")
+    lines.append(
+        "PASSED" if report.passed else f"FAILED: {report.failures[0].name}: {report.failures[0].detail}"
+    )
     return "\n".join(lines)
 
 
 def summary_line(report: Report) -> str:
-    return "verification passed" if report.passed else f"{report.failures[0].name}: {report.failures[0].detail}"
-
+    return (
+        "verification passed" if report.passed else f"{report.failures[0].name}: {report.failures[0].detail}"
+    )

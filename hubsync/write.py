@@ -214,7 +214,9 @@ def _write_bytes(dest: Path, data: bytes) -> str:
             os.fsync(f.fileno())
     except OSError as err:
         if err.errno == 28:
-            raise BuildError(f"no space left on device writing {dest}: free some space or set output.dir elsewhere") from None
+            raise BuildError(
+                f"no space left on device writing {dest}: free some space or set output.dir elsewhere"
+            ) from None
         raise
     return hashlib.sha256(data).hexdigest()
 

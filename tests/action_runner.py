@@ -303,7 +303,9 @@ class ActionRun:
 
     @property
     def log(self) -> str:
-        return "\n".join(f"--- {s.id or s.name} ({s.outcome}, {s.seconds:.1f} s)\n{s.log}" for s in self.steps)
+        return "\n".join(
+            f"--- {s.id or s.name} ({s.outcome}, {s.seconds:.1f} s)\n{s.log}" for s in self.steps
+        )
 
 
 UsesHandler = Callable[[str, dict[str, str]], Mapping[str, Any]]
@@ -363,11 +365,17 @@ class ActionRunner:
         temp = Path(tempfile.mkdtemp(prefix="runner-temp-"))
         contexts: dict[str, Any] = {
             "inputs": self._inputs(inputs),
-            "github": {"action_path": str(self.action_dir), "workspace": str(self.workspace), "event_name": "push"},
+            "github": {
+                "action_path": str(self.action_dir),
+                "workspace": str(self.workspace),
+                "event_name": "push",
+            },
             "runner": {"temp": str(temp), "os": "Linux"},
             "env": dict(self.job_env),
-            "steps": {k: {"outputs": dict(v), "outcome": "success", "conclusion": "success"}
-                      for k, v in (steps_context or {}).items()},
+            "steps": {
+                k: {"outputs": dict(v), "outcome": "success", "conclusion": "success"}
+                for k, v in (steps_context or {}).items()
+            },
         }
         state = {"failed": False}
         functions: dict[str, Callable[..., Any]] = {
@@ -375,8 +383,11 @@ class ActionRunner:
             "failure": lambda: state["failed"],
             "always": lambda: True,
             "cancelled": lambda: False,
-            "contains": lambda a, b: (any(_equal(x, b) for x in a) if isinstance(a, list)
-                                      else to_string(b).lower() in to_string(a).lower()),
+            "contains": lambda a, b: (
+                any(_equal(x, b) for x in a)
+                if isinstance(a, list)
+                else to_string(b).lower() in to_string(a).lower()
+            ),
             "startsWith": lambda a, b: to_string(a).lower().startswith(to_string(b).lower()),
             "format": lambda f, *args: re.sub(r"\{(\d+)\}", lambda m: to_string(args[int(m.group(1))]), f),
         }
@@ -414,12 +425,26 @@ class ActionRunner:
                 extra_env.update(effect.get("env", {}))
                 result = StepResult(step_id, name, "success", 0, outputs=dict(effect.get("outputs", {})))
             else:
-                result = self._run_script(step, step_id, name, contexts, functions, temp, step_env,
-                                          path_prefix, extra_env, masks, commands)
+                result = self._run_script(
+                    step,
+                    step_id,
+                    name,
+                    contexts,
+                    functions,
+                    temp,
+                    step_env,
+                    path_prefix,
+                    extra_env,
+                    masks,
+                    commands,
+                )
                 summary_parts.append(result.summary)
             results.append(result)
-            contexts["steps"][step_id] = {"outputs": result.outputs, "outcome": result.outcome,
-                                          "conclusion": result.outcome}
+            contexts["steps"][step_id] = {
+                "outputs": result.outputs,
+                "outcome": result.outcome,
+                "conclusion": result.outcome,
+            }
             if result.outcome == "failure" and not step.get("continue-on-error"):
                 state["failed"] = True
 
@@ -446,8 +471,10 @@ class ActionRunner:
         if step.get("shell") != "bash":
             raise ValueError(f"step {name!r}: only `shell: bash` is emulated, got {step.get('shell')!r}")
         script = expand(str(step["run"]), contexts, functions)
-        files = {key: temp / f"{step_id}.{key.lower()}" for key in
-                 ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "GITHUB_ENV", "GITHUB_PATH")}
+        files = {
+            key: temp / f"{step_id}.{key.lower()}"
+            for key in ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "GITHUB_ENV", "GITHUB_PATH")
+        }
         for path in files.values():
             path.write_text("")
         script_path = temp / f"{step_id}.sh"
@@ -468,8 +495,13 @@ class ActionRunner:
         env["PATH"] = os.pathsep.join([*path_prefix, env.get("PATH", os.defpath)])
         start = time.perf_counter()
         proc = subprocess.run(
-            ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script_path)], check=False,
-            cwd=self.workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script_path)],
+            check=False,
+            cwd=self.workspace,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             timeout=self.timeout,
         )
         shown: list[str] = []
@@ -488,7 +520,13 @@ class ActionRunner:
         extra_env.update(read_file_command(files["GITHUB_ENV"]))
         path_prefix[:0] = [p for p in files["GITHUB_PATH"].read_text().splitlines() if p]
         return StepResult(
-            step_id, name, "success" if proc.returncode == 0 else "failure", proc.returncode,
-            log="\n".join(shown), outputs=outputs, summary=files["GITHUB_STEP_SUMMARY"].read_text(encoding="utf-8"),
-            script=script, seconds=time.perf_counter() - start,
+            step_id,
+            name,
+            "success" if proc.returncode == 0 else "failure",
+            proc.returncode,
+            log="\n".join(shown),
+            outputs=outputs,
+            summary=files["GITHUB_STEP_SUMMARY"].read_text(encoding="utf-8"),
+            script=script,
+            seconds=time.perf_counter() - start,
         )

@@ -14,6 +14,8 @@ for _name in ("GITHUB_ACTIONS", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "GITHUB_
 
 
 @pytest.fixture(autouse=True)
-def _no_last_build_in_the_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _no_last_build_in_the_checkout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Builds record `.hubsync/last-build.json` in the working directory; keep tests out of the checkout."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

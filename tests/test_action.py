@@ -39,8 +39,17 @@ from tests.fixtures_models import HUB_NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / "action.yml"
-UPLOAD_ROUTES = {"create-repo", "preupload", "lfs-batch", "lfs-upload", "lfs-verify", "lfs-duplicate", "commit",
-                 "branch", "tag"}
+UPLOAD_ROUTES = {
+    "create-repo",
+    "preupload",
+    "lfs-batch",
+    "lfs-upload",
+    "lfs-verify",
+    "lfs-duplicate",
+    "commit",
+    "branch",
+    "tag",
+}
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -122,7 +131,10 @@ ACTION_SCHEMA: dict[str, Any] = {
                                 "properties": {
                                     **_STEP_COMMON,
                                     "uses": {"type": "string"},
-                                    "with": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
+                                    "with": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": ["string", "number", "boolean"]},
+                                    },
                                 },
                             },
                         ]
@@ -135,7 +147,19 @@ ACTION_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "icon": {"type": "string"},
-                "color": {"enum": ["white", "black", "yellow", "blue", "green", "orange", "red", "purple", "gray-dark"]},
+                "color": {
+                    "enum": [
+                        "white",
+                        "black",
+                        "yellow",
+                        "blue",
+                        "green",
+                        "orange",
+                        "red",
+                        "purple",
+                        "gray-dark",
+                    ]
+                },
             },
         },
     },
@@ -150,10 +174,23 @@ def metadata() -> dict[str, Any]:
 def test_action_metadata_matches_the_schema(metadata: dict[str, Any]) -> None:
     jsonschema.validate(metadata, ACTION_SCHEMA)
     assert metadata["inputs"]["manifest"]["required"] is True
-    assert set(metadata["inputs"]) >= {"manifest", "push", "hf-token", "python-version", "hubsync-version",
-                                       "device", "extra-args"}
-    assert set(metadata["outputs"]) >= {"commit-url", "commit-sha", "repo-url", "revision", "verified",
-                                        "bytes-uploaded"}
+    assert set(metadata["inputs"]) >= {
+        "manifest",
+        "push",
+        "hf-token",
+        "python-version",
+        "hubsync-version",
+        "device",
+        "extra-args",
+    }
+    assert set(metadata["outputs"]) >= {
+        "commit-url",
+        "commit-sha",
+        "repo-url",
+        "revision",
+        "verified",
+        "bytes-uploaded",
+    }
 
 
 def test_the_schema_rejects_what_github_rejects(metadata: dict[str, Any]) -> None:
@@ -225,10 +262,16 @@ def test_ci_escapes_workflow_commands() -> None:
     line = ci.command("error", "bad: value\nsecond", file="dir,x/m.yaml", line=4, title="t: x", col=None)
     assert line == "::error file=dir%2Cx/m.yaml,line=4,title=t%3A x::bad: value%0Asecond"
     parsed = parse_command(line, "s")
-    assert parsed is not None and parsed.properties["file"] == "dir,x/m.yaml" and parsed.message == "bad: value\nsecond"
+    assert (
+        parsed is not None
+        and parsed.properties["file"] == "dir,x/m.yaml"
+        and parsed.message == "bad: value\nsecond"
+    )
 
 
-def test_ci_outputs_use_a_heredoc_for_multiline_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ci_outputs_use_a_heredoc_for_multiline_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     monkeypatch.setenv("GITHUB_OUTPUT", str(out))
@@ -238,8 +281,9 @@ def test_ci_outputs_use_a_heredoc_for_multiline_values(tmp_path: Path, monkeypat
     assert read_file_command(out) == {"one": "x=y", "flag": "true", "none": "", "many": "a\nb\n==\nc"}
 
 
-def test_ci_is_silent_outside_actions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_ci_is_silent_outside_actions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
     monkeypatch.setenv("GITHUB_OUTPUT", str(tmp_path / "out"))
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "summary"))
@@ -252,15 +296,20 @@ def test_ci_is_silent_outside_actions(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not (tmp_path / "out").exists() and not (tmp_path / "summary").exists()
 
 
-def test_ci_annotations_name_workspace_relative_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_ci_annotations_name_workspace_relative_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     monkeypatch.setenv("GITHUB_WORKSPACE", str(tmp_path))
     ci.annotate("bad key", file=str(tmp_path / "manifests" / "m.yaml"), line=7)
     with ci.group("phase"):
         print("inside")
     captured = capsys.readouterr()
-    assert captured.err.splitlines() == ["::error file=manifests/m.yaml,line=7::bad key", "::group::phase", "::endgroup::"]
+    assert captured.err.splitlines() == [
+        "::error file=manifests/m.yaml,line=7::bad key",
+        "::group::phase",
+        "::endgroup::",
+    ]
     assert captured.out == "inside\n"
 
 
@@ -268,16 +317,38 @@ def test_cli_in_actions_annotates_on_stderr_and_keeps_json_on_stdout(tmp_path: P
     manifest = tmp_path / "m.yaml"
     manifest.write_text("base: {repo: a/b@main}\nfinetune: {pth: x}\noutput: {dir: o}\n")
     outputs = tmp_path / "outputs"
-    env = {**os.environ, "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(tmp_path), "GITHUB_OUTPUT": str(outputs),
-           "GITHUB_STEP_SUMMARY": str(tmp_path / "summary")}
+    env = {
+        **os.environ,
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_WORKSPACE": str(tmp_path),
+        "GITHUB_OUTPUT": str(outputs),
+        "GITHUB_STEP_SUMMARY": str(tmp_path / "summary"),
+    }
     env.pop("HUBSYNC_DEBUG", None)
-    bad = subprocess.run([sys.executable, "-m", "hubsync", "validate", "--json", str(manifest)], env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hubsync", "validate", "--json", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert bad.returncode == 2 and json.loads(bad.stdout)["valid"] is False
-    assert "::error file=m.yaml,line=2::finetune.pth: unknown key 'pth': did you mean `path`?" in bad.stderr.splitlines()
-    manifest.write_text("base: {repo: a/b@main}\nfinetune: {path: x}\noutput: {dir: o}\npush: {repo: my-org/m}\n")
-    good = subprocess.run([sys.executable, "-m", "hubsync", "validate", "--json", str(manifest)], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    assert (
+        "::error file=m.yaml,line=2::finetune.pth: unknown key 'pth': did you mean `path`?"
+        in bad.stderr.splitlines()
+    )
+    manifest.write_text(
+        "base: {repo: a/b@main}\nfinetune: {path: x}\noutput: {dir: o}\npush: {repo: my-org/m}\n"
+    )
+    good = subprocess.run(
+        [sys.executable, "-m", "hubsync", "validate", "--json", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert good.returncode == 0 and json.loads(good.stdout)["valid"] is True
     assert read_file_command(outputs)["repo"] == "my-org/m"
 
@@ -316,11 +387,17 @@ def test_ci_push_summary_links_and_bytes() -> None:
 
 @pytest.fixture
 def auth_runner(tmp_path: Path) -> Callable[..., ActionRun]:
-    def run(inputs: Mapping[str, str], env: Mapping[str, str] | None = None,
-            job_env: Mapping[str, str] | None = None, repo: str = "my-org/model") -> ActionRun:
+    def run(
+        inputs: Mapping[str, str],
+        env: Mapping[str, str] | None = None,
+        job_env: Mapping[str, str] | None = None,
+        repo: str = "my-org/model",
+    ) -> ActionRun:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_TOKEN", "HF_OIDC"))}
         runner = ActionRunner(ROOT, tmp_path, env={**base, **(env or {})}, job_env=job_env)
-        return runner.run({"manifest": "m.yaml", **inputs}, only=("auth",), steps_context={"validate": {"repo": repo}})
+        return runner.run(
+            {"manifest": "m.yaml", **inputs}, only=("auth",), steps_context={"validate": {"repo": repo}}
+        )
 
     return run
 
@@ -341,11 +418,17 @@ def test_auth_uses_the_jobs_hf_token(auth_runner: Callable[..., ActionRun]) -> N
 
 
 def test_auth_falls_back_to_trusted_publishing(auth_runner: Callable[..., ActionRun]) -> None:
-    oidc_env = {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://127.0.0.1:9/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "t"}
+    oidc_env = {
+        "ACTIONS_ID_TOKEN_REQUEST_URL": "http://127.0.0.1:9/token",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "t",
+    }
     run = auth_runner({}, job_env=oidc_env)
     step = run.step("auth")
     assert step.outcome == "success", step.log
-    assert step.outputs["oidc-resource"] == "my-org/model" and "trusted publishing (OIDC) for my-org/model" in step.log
+    assert (
+        step.outputs["oidc-resource"] == "my-org/model"
+        and "trusted publishing (OIDC) for my-org/model" in step.log
+    )
     # an explicit HF_OIDC_RESOURCE (e.g. a user scope) wins over the manifest's repo
     run = auth_runner({}, job_env={**oidc_env, "HF_OIDC_RESOURCE": "my-org/other"})
     assert run.step("auth").outputs["oidc-resource"] == "my-org/other"
@@ -362,7 +445,9 @@ def test_auth_without_credentials_fails_before_the_build(auth_runner: Callable[.
     assert auth_runner({"push": "false"}).step("auth").outcome == "success"
 
 
-def test_auth_refuses_to_push_a_manifest_without_a_push_section(auth_runner: Callable[..., ActionRun]) -> None:
+def test_auth_refuses_to_push_a_manifest_without_a_push_section(
+    auth_runner: Callable[..., ActionRun],
+) -> None:
     run = auth_runner({"hf-token": "hf_x"}, repo="")
     assert run.step("auth").outcome == "failure"
     assert any("no push section" in c.message for c in run.annotations())
@@ -403,20 +488,35 @@ def test_huggingface_hub_exchanges_the_github_oidc_token(tmp_path: Path) -> None
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GITHUB_", "ACTIONS_"))}
-        env.update({
-            "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path), "HF_TOKEN": "", "GITHUB_ACTIONS": "true",
-            "ACTIONS_ID_TOKEN_REQUEST_URL": f"{endpoint}/id-token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "request-token",
-            "HF_OIDC_RESOURCE": "my-org/model",
-        })
-        result = subprocess.run([sys.executable, "-c", "from huggingface_hub import get_token; print(get_token())"],
-                                env=env, capture_output=True, text=True, timeout=60, check=False)
+        env.update(
+            {
+                "HF_ENDPOINT": endpoint,
+                "HF_HOME": str(tmp_path),
+                "HF_TOKEN": "",
+                "GITHUB_ACTIONS": "true",
+                "ACTIONS_ID_TOKEN_REQUEST_URL": f"{endpoint}/id-token",
+                "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "request-token",
+                "HF_OIDC_RESOURCE": "my-org/model",
+            }
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", "from huggingface_hub import get_token; print(get_token())"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     finally:
         server.shutdown()
         server.server_close()
     assert result.stdout.strip() == "hf_exchanged_token", result.stderr
     assert seen["audience"] == endpoint and seen["authorization"] == "Bearer request-token"
     assert seen["exchange_path"] == "/oauth/token"
-    assert seen["exchange"]["resource"] == "my-org/model" and seen["exchange"]["subject_token"] == "github-id-token"
+    assert (
+        seen["exchange"]["resource"] == "my-org/model"
+        and seen["exchange"]["subject_token"] == "github-id-token"
+    )
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -441,13 +541,28 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if _local_setuptools():
         return folder  # the build uses this interpreter's setuptools (no build isolation): nothing to fetch
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
-         "-d", str(folder), "setuptools>=77"],
-        capture_output=True, text=True, timeout=180, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(folder),
+            "setuptools>=77",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     if result.returncode != 0:
-        pytest.skip("cannot fetch setuptools>=77 to build hubsync's wheel; set HUBSYNC_TEST_WHEELHOUSE to a folder "
-                    f"holding one ({result.stderr.strip().splitlines()[-1:]})")
+        pytest.skip(
+            "cannot fetch setuptools>=77 to build hubsync's wheel; set HUBSYNC_TEST_WHEELHOUSE to a folder "
+            f"holding one ({result.stderr.strip().splitlines()[-1:]})"
+        )
     return folder
 
 
@@ -455,9 +570,24 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def action_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The action as the runner downloads it (_actions/owner/repo/ref): the repository's files."""
     dest = tmp_path_factory.mktemp("actions") / "hubsync" / f"v{__version__}"
-    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "__pycache__", "*.egg-info", ".mypy_cache", ".pytest_cache", ".ruff_cache", "build", "dist",
-        ".hubsync", "hubsync-demo", "benchmarks"))
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "__pycache__",
+            "*.egg-info",
+            ".mypy_cache",
+            ".pytest_cache",
+            ".ruff_cache",
+            "build",
+            "dist",
+            ".hubsync",
+            "hubsync-demo",
+            "benchmarks",
+        ),
+    )
     if not (dest / "README.md").exists():  # pyproject names it as the long description
         (dest / "README.md").write_text("# hubsync\n")
     return dest
@@ -479,27 +609,38 @@ class Workflow:
         return f"manifests/{name}.yaml"
 
     def run(self, manifest: str, **inputs: str) -> ActionRun:
-        given = {"manifest": manifest, "hf-token": DEFAULT_TOKEN, "hubsync-version": "local", "device": "cpu",
-                 "python-version": PY_VERSION, **inputs}
+        given = {
+            "manifest": manifest,
+            "hf-token": DEFAULT_TOKEN,
+            "hubsync-version": "local",
+            "device": "cpu",
+            "python-version": PY_VERSION,
+            **inputs,
+        }
         return self.runner.run(given)
 
 
 @pytest.fixture
-def workflow(hub: LocalHub, hub_env: dict[str, str], tmp_path: Path, wheelhouse: Path,
-             action_checkout: Path) -> Iterator[Workflow]:
+def workflow(
+    hub: LocalHub, hub_env: dict[str, str], tmp_path: Path, wheelhouse: Path, action_checkout: Path
+) -> Iterator[Workflow]:
     tool = tmp_path / "toolcache-python"
 
     def setup_python(uses: str, with_: dict[str, str]) -> Mapping[str, Any]:
         assert uses.startswith("actions/setup-python@")
         assert with_["python-version"] == PY_VERSION
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(tool)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(tool)], check=True
+        )
         purelib = Path(sysconfig.get_path("purelib", vars={"base": str(tool), "platbase": str(tool)}))
         here = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
         (purelib / "outer-environment.pth").write_text("".join(f"{p}\n" for p in sorted(here)))
         return {"path": [tool / "bin"]}
 
     env = {k: v for k, v in hub_env.items() if k not in ("HF_TOKEN", "HUBSYNC_DEBUG", "VIRTUAL_ENV")}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix))
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix)
+    )
     env.update({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse), "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     if _local_setuptools():
         env["PIP_NO_BUILD_ISOLATION"] = "0"  # pip reads this inverted: "0" turns build isolation off
@@ -509,7 +650,9 @@ def workflow(hub: LocalHub, hub_env: dict[str, str], tmp_path: Path, wheelhouse:
     yield Workflow(workspace, runner, tool, hub)
 
 
-def _manifest(base: PublishedModel, finetune: Path, repo: str, *, trust: bool = True, typo: bool = False) -> list[str]:
+def _manifest(
+    base: PublishedModel, finetune: Path, repo: str, *, trust: bool = True, typo: bool = False
+) -> list[str]:
     return [
         "base:",
         f"  repo: {base.repo_id}",
@@ -537,7 +680,9 @@ def test_good_manifest_publishes_and_sets_every_output(
     workflow: Workflow, published_remote_base: PublishedModel, remote_trainer_output: Path, repo_name: str
 ) -> None:
     repo = f"{HUB_NAMESPACE}/{repo_name}"
-    run = workflow.run(workflow.manifest("good", _manifest(published_remote_base, remote_trainer_output, repo)))
+    run = workflow.run(
+        workflow.manifest("good", _manifest(published_remote_base, remote_trainer_output, repo))
+    )
     assert run.ok, run.log
 
     head = workflow.hub.branch_head(repo)
@@ -547,7 +692,9 @@ def test_good_manifest_publishes_and_sets_every_output(
     assert out["commit-url"].endswith(f"/commit/{head}") and repo in out["commit-url"]
     assert out["repo-url"] == f"{workflow.hub.endpoint}/{repo}"
     assert out["revision"] == "main" and out["verified"] == "true" and out["pr-url"] == ""
-    assert 0 < int(out["bytes-uploaded"]) < int(run.step("push").outputs["bytes-in-build"])  # base shards copied
+    assert (
+        0 < int(out["bytes-uploaded"]) < int(run.step("push").outputs["bytes-in-build"])
+    )  # base shards copied
     assert out["output-dir"].endswith(f"build/{repo_name}")
 
     # hubsync ran from the wheel the action installed out of its checkout
@@ -577,7 +724,9 @@ def test_broken_manifest_fails_with_an_annotation_at_the_line(
     workflow: Workflow, published_remote_base: PublishedModel, remote_trainer_output: Path, repo_name: str
 ) -> None:
     repo = f"{HUB_NAMESPACE}/{repo_name}"
-    manifest = workflow.manifest("broken", _manifest(published_remote_base, remote_trainer_output, repo, typo=True))
+    manifest = workflow.manifest(
+        "broken", _manifest(published_remote_base, remote_trainer_output, repo, typo=True)
+    )
     run = workflow.run(manifest)
 
     assert run.failed_step is not None and run.failed_step.id == "validate"
@@ -596,8 +745,11 @@ def test_failed_verification_fails_before_anything_is_uploaded(
 ) -> None:
     repo = f"{HUB_NAMESPACE}/{repo_name}"
     # the remote-code base cannot load without trust_remote_code: the build is written, verification fails
-    run = workflow.run(workflow.manifest(
-        "unverified", _manifest(published_remote_base, remote_trainer_output, repo, trust=False)))
+    run = workflow.run(
+        workflow.manifest(
+            "unverified", _manifest(published_remote_base, remote_trainer_output, repo, trust=False)
+        )
+    )
 
     assert run.failed_step is not None and run.failed_step.id == "build", run.log
     assert run.step("push").outcome == "skipped"

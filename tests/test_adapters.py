@@ -39,9 +39,17 @@ NATIVE_PARTS = ("language_model.", "multi_modal_projector.", "vision_tower.")
 REMOTE_PARTS = ("llm.", "resampler.", "vpm.")
 
 
-def write_manifest(tmp_path: Path, base: PublishedModel | Path, finetune: Path, *, name: str = "manifest.yaml",
-                   **finetune_keys: Any) -> Path:
-    base_section = {"path": str(base)} if isinstance(base, Path) else {"repo": base.repo_id, "revision": base.sha}
+def write_manifest(
+    tmp_path: Path,
+    base: PublishedModel | Path,
+    finetune: Path,
+    *,
+    name: str = "manifest.yaml",
+    **finetune_keys: Any,
+) -> Path:
+    base_section = (
+        {"path": str(base)} if isinstance(base, Path) else {"repo": base.repo_id, "revision": base.sha}
+    )
     data = {
         "base": base_section,
         "finetune": {"path": str(finetune), **finetune_keys},
@@ -65,7 +73,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-def assert_equals_peft(built: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], base_dir: Path) -> int:
+def assert_equals_peft(
+    built: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], base_dir: Path
+) -> int:
     """Every tensor bit-identical to PEFT's merge; returns how many differ from the base (the merged ones)."""
     base = T.list_checkpoint(base_dir)
     assert set(built) == set(reference) == set(base.tensors)
@@ -78,17 +88,25 @@ def assert_equals_peft(built: dict[str, torch.Tensor], reference: dict[str, torc
 
 
 @pytest.fixture(scope="module")
-def native_lora(tmp_path_factory: pytest.TempPathFactory, native_base_dir: Path,
-                published_native_base: PublishedModel) -> Path:
-    return make_lora_output(native_base_dir, tmp_path_factory.mktemp("native-lora") / "lora",
-                            base_name=published_native_base.repo_id)
+def native_lora(
+    tmp_path_factory: pytest.TempPathFactory, native_base_dir: Path, published_native_base: PublishedModel
+) -> Path:
+    return make_lora_output(
+        native_base_dir,
+        tmp_path_factory.mktemp("native-lora") / "lora",
+        base_name=published_native_base.repo_id,
+    )
 
 
 @pytest.fixture(scope="module")
-def remote_lora(tmp_path_factory: pytest.TempPathFactory, remote_base_dir: Path,
-                published_remote_base: PublishedModel) -> Path:
-    return make_lora_output(remote_base_dir, tmp_path_factory.mktemp("remote-lora") / "lora",
-                            base_name=published_remote_base.repo_id)
+def remote_lora(
+    tmp_path_factory: pytest.TempPathFactory, remote_base_dir: Path, published_remote_base: PublishedModel
+) -> Path:
+    return make_lora_output(
+        remote_base_dir,
+        tmp_path_factory.mktemp("remote-lora") / "lora",
+        base_name=published_remote_base.repo_id,
+    )
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -107,7 +125,9 @@ def test_native_lora_builds_verifies_and_equals_peft_merge(
 
     reference = peft_merged_state(native_base_dir, native_lora, tmp_path)
     built = {n: T.load_tensor(i) for n, i in T.list_checkpoint(out).tensors.items()}
-    assert assert_equals_peft(built, reference, native_base_dir) == 26 + 4  # 26 merged weights, 4 projector tensors
+    assert (
+        assert_equals_peft(built, reference, native_base_dir) == 26 + 4
+    )  # 26 merged weights, 4 projector tensors
 
     report = verify(out)
     assert report.passed, render_report(report)
@@ -145,8 +165,13 @@ def test_remote_code_lora_builds_verifies_and_equals_peft_merge(
 
 def test_rslora_rank_and_alpha_patterns_equal_peft(tmp_path: Path, native_base_dir: Path) -> None:
     folder = make_lora_output(
-        native_base_dir, tmp_path / "lora", target_modules=("q_proj", "v_proj", "fc1"), modules_to_save=(),
-        r=4, lora_alpha=8, use_rslora=True,
+        native_base_dir,
+        tmp_path / "lora",
+        target_modules=("q_proj", "v_proj", "fc1"),
+        modules_to_save=(),
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
         # PEFT matches pattern keys as name suffixes; the first key that matches wins
         rank_pattern={"language_model.layers.0.self_attn.q_proj": 8, "fc1": 2},
         alpha_pattern={"v_proj": 32},
@@ -162,11 +187,17 @@ def test_rslora_rank_and_alpha_patterns_equal_peft(tmp_path: Path, native_base_d
 
 
 def test_regex_target_modules_select_like_peft(tmp_path: Path, native_base_dir: Path) -> None:
-    folder = make_lora_output(native_base_dir, tmp_path / "lora", modules_to_save=(),
-                              target_modules=r".*language_model.*\.(q_proj|down_proj)")
+    folder = make_lora_output(
+        native_base_dir,
+        tmp_path / "lora",
+        modules_to_save=(),
+        target_modules=r".*language_model.*\.(q_proj|down_proj)",
+    )
     read = adapter(folder, native_base_dir)
     assert sorted(read.merged) == sorted(
-        f"language_model.model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")
+        f"language_model.model.layers.{i}.{m}.weight"
+        for i in (0, 1)
+        for m in ("self_attn.q_proj", "mlp.down_proj")
     )
     assert read.tuned_prefixes == ("language_model.",)
     _assert_adapter_equals(read, peft_merged_state(native_base_dir, folder, tmp_path), native_base_dir)
@@ -174,8 +205,14 @@ def test_regex_target_modules_select_like_peft(tmp_path: Path, native_base_dir: 
 
 def test_fan_in_fan_out_conv1d_equals_peft(tmp_path: Path) -> None:
     base = make_gpt2_base(tmp_path / "gpt2")
-    folder = make_lora_output(base, tmp_path / "lora", target_modules=("c_attn", "c_fc"), modules_to_save=(),
-                              fan_in_fan_out=True, lora_bias=True)
+    folder = make_lora_output(
+        base,
+        tmp_path / "lora",
+        target_modules=("c_attn", "c_fc"),
+        modules_to_save=(),
+        fan_in_fan_out=True,
+        lora_bias=True,
+    )
     read = adapter(folder, base)
     assert "transformer.h.0.attn.c_attn.bias" in read.merged  # lora_bias adds into the layer's bias
     _assert_adapter_equals(read, peft_merged_state(base, folder, tmp_path), base)
@@ -200,32 +237,44 @@ def _assert_adapter_equals(read: Any, reference: dict[str, torch.Tensor], base_d
 
 
 def test_delta_below_bf16_resolution_is_reported_by_prefix(tmp_path: Path, native_base_dir: Path) -> None:
-    folder = make_lora_output(native_base_dir, tmp_path / "lora", target_modules=("q_proj", "v_proj"),
-                              b_scale=1e-9)
+    folder = make_lora_output(
+        native_base_dir, tmp_path / "lora", target_modules=("q_proj", "v_proj"), b_scale=1e-9
+    )
     plan = prepare(write_manifest(tmp_path, native_base_dir, folder)).plan
     vanished = [p for p in plan.problems if "vanished" in p]
-    assert any(p.startswith("tuned prefix 'language_model.' is identical to the base (4 tensor(s) changed only "
-                            "below bfloat16 resolution)") for p in vanished), plan.problems
+    assert any(
+        p.startswith(
+            "tuned prefix 'language_model.' is identical to the base (4 tensor(s) changed only "
+            "below bfloat16 resolution)"
+        )
+        for p in vanished
+    ), plan.problems
     assert any(p.startswith("tuned prefix 'vision_tower.' is identical") for p in vanished), plan.problems
     assert not any("multi_modal_projector" in p for p in plan.problems)  # its whole copy did change
     with pytest.raises(PlanError, match="identical to the base"):
         build(write_manifest(tmp_path, native_base_dir, folder, name="b.yaml"), record_last_build=False)
 
 
-def test_adapter_for_another_base_is_named(tmp_path: Path, native_lora: Path, remote_base_dir: Path,
-                                           native_base_dir: Path) -> None:
-    expected = (r"none of the 26 LoRA module\(s\) in .* lands on the base; check that `base` is the model the "
-                r"adapter was trained on: .*the base has no model\.language_model\.layers\.0\.mlp\.down_proj\.weight")
+def test_adapter_for_another_base_is_named(
+    tmp_path: Path, native_lora: Path, remote_base_dir: Path, native_base_dir: Path
+) -> None:
+    expected = (
+        r"none of the 26 LoRA module\(s\) in .* lands on the base; check that `base` is the model the "
+        r"adapter was trained on: .*the base has no model\.language_model\.layers\.0\.mlp\.down_proj\.weight"
+    )
     with pytest.raises(FinetuneError, match=expected):
         prepare(write_manifest(tmp_path, remote_base_dir, native_lora))
     read = adapter(native_lora, native_base_dir, base_repo="other-org/other-model", base_revision="a" * 40)
-    assert any("trained on 'my-org/" in n and "but the manifest's base is 'other-org/other-model'" in n
-               for n in read.notes), read.notes
+    assert any(
+        "trained on 'my-org/" in n and "but the manifest's base is 'other-org/other-model'" in n
+        for n in read.notes
+    ), read.notes
     shutil.copytree(native_lora, tmp_path / "pinned")
     cfg = json.loads((tmp_path / "pinned" / "adapter_config.json").read_text())
     (tmp_path / "pinned" / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "v1.0"}))
-    read = adapter(tmp_path / "pinned", native_base_dir, base_repo=cfg["base_model_name_or_path"],
-                   base_revision="b" * 40)
+    read = adapter(
+        tmp_path / "pinned", native_base_dir, base_repo=cfg["base_model_name_or_path"], base_revision="b" * 40
+    )
     assert any("trained on revision 'v1.0'" in n for n in read.notes), read.notes
 
 
@@ -241,18 +290,24 @@ def test_lora_keys_for_missing_modules_and_wrong_rank_are_problems(
     state[f"{ghost}.lora_B.weight"] = torch.ones(64, 4)
     save_file(state, str(folder / "adapter_model.safetensors"))
     problems = prepare(write_manifest(tmp_path, native_base_dir, folder)).plan.problems
-    assert any("model.language_model.layers.0.self_attn.ghost_proj has LoRA weights, but the base has no "
-               "model.language_model.layers.0.self_attn.ghost_proj.weight" in p for p in problems), problems
+    assert any(
+        "model.language_model.layers.0.self_attn.ghost_proj has LoRA weights, but the base has no "
+        "model.language_model.layers.0.self_attn.ghost_proj.weight" in p
+        for p in problems
+    ), problems
 
     cfg = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"fc1": 8}}))
     problems = prepare(write_manifest(tmp_path, native_base_dir, folder, name="r.yaml")).plan.problems
-    assert any("lora_A/lora_B have rank 4/4, but adapter_config.json gives r=8" in p for p in problems), problems
+    assert any("lora_A/lora_B have rank 4/4, but adapter_config.json gives r=8" in p for p in problems), (
+        problems
+    )
 
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj"]}))
     problems = prepare(write_manifest(tmp_path, native_base_dir, folder, name="t.yaml")).plan.problems
-    assert any("which target_modules ('q_proj',) does not select: PEFT would ignore them" in p
-               for p in problems), problems
+    assert any(
+        "which target_modules ('q_proj',) does not select: PEFT would ignore them" in p for p in problems
+    ), problems
 
 
 def _config_only(tmp_path: Path, config: Any, native_lora: Path) -> Path:
@@ -265,17 +320,27 @@ def _config_only(tmp_path: Path, config: Any, native_lora: Path) -> Path:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda p: p.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-         r"is a prompt tuning adapter \(peft_type PROMPT_TUNING\): it adds virtual tokens and has no weights"),
-        (lambda p: p.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-         r"is a prefix tuning adapter \(peft_type PREFIX_TUNING\)"),
-        (lambda p: p.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
-         r"is a IA3 adapter \(peft_type IA3\): hubsync merges only LoRA"),
+        (
+            lambda p: p.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+            r"is a prompt tuning adapter \(peft_type PROMPT_TUNING\): it adds virtual tokens and has no weights",
+        ),
+        (
+            lambda p: p.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+            r"is a prefix tuning adapter \(peft_type PREFIX_TUNING\)",
+        ),
+        (
+            lambda p: p.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
+            r"is a IA3 adapter \(peft_type IA3\): hubsync merges only LoRA",
+        ),
         (lambda p: p.LoHaConfig(target_modules=["q_proj"]), r"is a LoHa adapter \(peft_type LOHA\)"),
-        (lambda p: p.LoraConfig(target_modules=["q_proj"], use_dora=True),
-         r"is a DoRA \(use_dora: true\) adapter: hubsync merges plain LoRA only"),
-        (lambda p: p.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"),
-         r"initialised with 'pissa': its factors apply to a modified base"),
+        (
+            lambda p: p.LoraConfig(target_modules=["q_proj"], use_dora=True),
+            r"is a DoRA \(use_dora: true\) adapter: hubsync merges plain LoRA only",
+        ),
+        (
+            lambda p: p.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"),
+            r"initialised with 'pissa': its factors apply to a modified base",
+        ),
     ],
     ids=["prompt-tuning", "prefix-tuning", "ia3", "loha", "dora", "pissa"],
 )
@@ -312,9 +377,13 @@ def test_bin_adapter_reads_like_safetensors(tmp_path: Path, native_base_dir: Pat
     torch.save(state, folder / "adapter_model.bin")
     from_bin = adapter(folder, native_base_dir)
     from_st = adapter(native_lora, native_base_dir)
-    assert from_bin.checkpoint.format == "bin" and set(from_bin.checkpoint.tensors) == set(from_st.checkpoint.tensors)
+    assert from_bin.checkpoint.format == "bin" and set(from_bin.checkpoint.tensors) == set(
+        from_st.checkpoint.tensors
+    )
     key = next(k for k, v in from_st.checkpoint.tensors.items() if isinstance(v, T.ComputedTensor))
-    assert torch.equal(T.load_tensor(from_bin.checkpoint.tensors[key]), T.load_tensor(from_st.checkpoint.tensors[key]))
+    assert torch.equal(
+        T.load_tensor(from_bin.checkpoint.tensors[key]), T.load_tensor(from_st.checkpoint.tensors[key])
+    )
 
 
 # --------------------------------------------------------------------------------------------- trainer outputs
@@ -338,8 +407,11 @@ def test_newest_or_named_checkpoint_is_taken(tmp_path: Path, native_lora: Path) 
 def test_folder_with_weights_and_adapter_asks_to_choose(tmp_path: Path, native_lora: Path) -> None:
     folder = shutil.copytree(native_lora, tmp_path / "both")
     shutil.copyfile(native_lora / "adapter_model.safetensors", folder / "model.safetensors")
-    with pytest.raises(FinetuneError, match=r"both full model weights and a PEFT adapter .*`finetune.format: full` "
-                                            r"or `finetune.format: peft`"):
+    with pytest.raises(
+        FinetuneError,
+        match=r"both full model weights and a PEFT adapter .*`finetune.format: full` "
+        r"or `finetune.format: peft`",
+    ):
         locate(_spec(folder))
     assert locate(_spec(folder, format="peft")) == folder
     assert locate(_spec(folder, format="full")) == folder

@@ -80,7 +80,9 @@ def assert_build_is_faithful(out: Path, base_dir: Path, finetune_dir: Path, pref
     tuned_shards = {v["shard"] for v in tuned.values()}
     for shard in base.files:
         if shard.name not in tuned_shards:
-            assert T.sha256_file(out / shard.name) == T.sha256_file(shard), f"{shard.name} is not byte-identical"
+            assert T.sha256_file(out / shard.name) == T.sha256_file(shard), (
+                f"{shard.name} is not byte-identical"
+            )
 
 
 # --- the fixtures build, load and verify ---------------------------------------------------------------------
@@ -119,22 +121,35 @@ def test_seed_error_is_gone_after_build(
 
     from hubsync.testing.models import make_test_image
 
-    out = build(write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED),
-                record_last_build=False).output
+    out = build(
+        write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED),
+        record_last_build=False,
+    ).output
     processor = AutoProcessor.from_pretrained(str(out), trust_remote_code=True)
     assert type(processor).__name__ == "MiniCPMVProcessor"
     model = AutoModel.from_pretrained(str(out), trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
-    text = model.chat(image=make_test_image(), msgs=[{"role": "user", "content": "Describe the image."}], tokenizer=tokenizer)
+    text = model.chat(
+        image=make_test_image(),
+        msgs=[{"role": "user", "content": "Describe the image."}],
+        tokenizer=tokenizer,
+    )
     assert isinstance(text, str)
     config = json.loads((out / "config.json").read_text())
     assert all("--" not in v for v in config["auto_map"].values())
-    assert "torch_dtype" in config and "dtype" not in config, "config.json must keep the base's dtype key form"
+    assert "torch_dtype" in config and "dtype" not in config, (
+        "config.json must keep the base's dtype key form"
+    )
 
 
-@pytest.mark.parametrize("options", [{}, {"sharded": True}, {"key_style": "runtime"}], ids=["single", "sharded", "runtime-names"])
+@pytest.mark.parametrize(
+    "options", [{}, {"sharded": True}, {"key_style": "runtime"}], ids=["single", "sharded", "runtime-names"]
+)
 def test_native_fixture_builds_loads_and_verifies(
-    options: dict[str, Any], tmp_path: Path, published_native_base: PublishedModel, trainer_output_factory: Any
+    options: dict[str, Any],
+    tmp_path: Path,
+    published_native_base: PublishedModel,
+    trainer_output_factory: Any,
 ) -> None:
     ft = trainer_output_factory("native", **options)
     manifest = write_manifest(tmp_path, published_native_base, ft, NATIVE_TUNED, trust=False)
@@ -155,8 +170,14 @@ def test_rebuild_is_byte_identical_and_hardlink_mode(
     second["hubsync.json"] = T.sha256_file(tmp_path / "out" / "hubsync.json")
     assert first == second
 
-    linked = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED,
-                            extra={"output": {"dir": "linked", "link": "hardlink"}}, name="linked.yaml")
+    linked = write_manifest(
+        tmp_path,
+        published_remote_base,
+        remote_trainer_output,
+        REMOTE_TUNED,
+        extra={"output": {"dir": "linked", "link": "hardlink"}},
+        name="linked.yaml",
+    )
     result = build(linked, record_last_build=False)
     untouched = [f for f in result.plan.files if f.action == "copy" and f.path.endswith(".safetensors")]
     assert untouched
@@ -176,15 +197,30 @@ def test_catalogue_1_2_3_missing_processor_code_tokenizer_files_are_restored(
         (ft / name).unlink(missing_ok=True)
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
     found = notes(manifest)
-    assert any(n.startswith("processor file(s) missing from the fine-tune, restored from the base:")
-               and "preprocessor_config.json" in n and "processing_minicpmv.py" in n for n in found), found
-    assert any(n.startswith("remote code file(s) missing from the fine-tune, restored from the base:")
-               and "modeling_minicpmv.py" in n for n in found), found
-    assert any(n.startswith("tokenizer file(s) missing from the fine-tune, restored from the base:")
-               and "tokenizer.json" in n for n in found), found
+    assert any(
+        n.startswith("processor file(s) missing from the fine-tune, restored from the base:")
+        and "preprocessor_config.json" in n
+        and "processing_minicpmv.py" in n
+        for n in found
+    ), found
+    assert any(
+        n.startswith("remote code file(s) missing from the fine-tune, restored from the base:")
+        and "modeling_minicpmv.py" in n
+        for n in found
+    ), found
+    assert any(
+        n.startswith("tokenizer file(s) missing from the fine-tune, restored from the base:")
+        and "tokenizer.json" in n
+        for n in found
+    ), found
     assert any("auto_map points at another repo's code ('repo--' prefix" in n for n in found), found
     out = build(manifest, record_last_build=False).output
-    for name in ("preprocessor_config.json", "processing_minicpmv.py", "modeling_minicpmv.py", "tokenizer.json"):
+    for name in (
+        "preprocessor_config.json",
+        "processing_minicpmv.py",
+        "modeling_minicpmv.py",
+        "tokenizer.json",
+    ):
         assert (out / name).read_bytes() == (published_remote_base.local_dir / name).read_bytes()
 
 
@@ -195,17 +231,24 @@ def test_catalogue_2_base_auto_map_with_foreign_code_is_refused(
     shutil.copytree(remote_base_dir, base)
     (base / "processing_minicpmv.py").unlink()
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(f"base: {{path: {base}}}\nfinetune: {{path: {trainer_output_factory('remote')}, tuned: [vpm., resampler.]}}\noutput: {{dir: out}}\n")
+    manifest.write_text(
+        f"base: {{path: {base}}}\nfinetune: {{path: {trainer_output_factory('remote')}, tuned: [vpm., resampler.]}}\noutput: {{dir: out}}\n"
+    )
     found = problems(manifest)
-    assert any("preprocessor_config.json: auto_map entry 'processing_minicpmv.MiniCPMVProcessor' needs "
-               "processing_minicpmv.py, which the base does not ship" in p for p in found), found
+    assert any(
+        "preprocessor_config.json: auto_map entry 'processing_minicpmv.MiniCPMVProcessor' needs "
+        "processing_minicpmv.py, which the base does not ship" in p
+        for p in found
+    ), found
 
 
 def test_catalogue_4_fp32_tuned_tensors_are_cast_to_the_base_dtype(
     tmp_path: Path, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
     manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
-    assert any(n.endswith("tuned tensor(s) saved as F32, cast to BF16 (the base's dtype)") for n in notes(manifest))
+    assert any(
+        n.endswith("tuned tensor(s) saved as F32, cast to BF16 (the base's dtype)") for n in notes(manifest)
+    )
     out = build(manifest, record_last_build=False).output
     assert {i.dtype for i in T.list_checkpoint(out).tensors.values()} == {"BF16"}
 
@@ -213,13 +256,20 @@ def test_catalogue_4_fp32_tuned_tensors_are_cast_to_the_base_dtype(
 def test_catalogue_4_output_dtype_casts_the_whole_model(
     tmp_path: Path, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
-    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED,
-                              extra={"output": {"dtype": "float16"}})
+    manifest = write_manifest(
+        tmp_path,
+        published_remote_base,
+        remote_trainer_output,
+        REMOTE_TUNED,
+        extra={"output": {"dtype": "float16"}},
+    )
     result = build(manifest, record_last_build=False)
     assert {i.dtype for i in T.list_checkpoint(result.output).tensors.values()} == {"F16"}
     assert any("cast from BF16 to F16 (output.dtype: float16)" in n for n in result.plan.notes)
     index = json.loads((result.output / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(i.nbytes for i in T.list_checkpoint(result.output).tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        i.nbytes for i in T.list_checkpoint(result.output).tensors.values()
+    )
 
 
 def test_catalogue_5_wrapper_prefixes_and_renames_are_normalised(
@@ -228,7 +278,10 @@ def test_catalogue_5_wrapper_prefixes_and_renames_are_normalised(
     ft = trainer_output_factory("remote", key_prefix="module._orig_mod.")
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
     found = notes(manifest)
-    assert any("fine-tune tensor name(s) normalised onto the base's names (stripped or renamed: module.)" in n for n in found), found
+    assert any(
+        "fine-tune tensor name(s) normalised onto the base's names (stripped or renamed: module.)" in n
+        for n in found
+    ), found
 
 
 def test_catalogue_5_manifest_rename_rules(
@@ -236,12 +289,23 @@ def test_catalogue_5_manifest_rename_rules(
 ) -> None:
     ft = trainer_output_factory("remote")
     state = load_file(str(ft / "model.safetensors"))
-    save_file({k.replace("vpm.", "vision_model.", 1) if k.startswith("vpm.") else k: v for k, v in state.items()},
-              str(ft / "model.safetensors"))
+    save_file(
+        {k.replace("vpm.", "vision_model.", 1) if k.startswith("vpm.") else k: v for k, v in state.items()},
+        str(ft / "model.safetensors"),
+    )
     bare = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
-    assert any("fine-tune tensor vision_model." in p and "no tensor of that name in the base" in p for p in problems(bare))
-    ruled = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED,
-                           extra={"finetune": {"rename": [{"from": "^vision_model\\.", "to": "vpm."}]}}, name="r.yaml")
+    assert any(
+        "fine-tune tensor vision_model." in p and "no tensor of that name in the base" in p
+        for p in problems(bare)
+    )
+    ruled = write_manifest(
+        tmp_path,
+        published_remote_base,
+        ft,
+        REMOTE_TUNED,
+        extra={"finetune": {"rename": [{"from": "^vision_model\\.", "to": "vpm."}]}},
+        name="r.yaml",
+    )
     assert problems(ruled) == []
 
 
@@ -256,8 +320,13 @@ def test_catalogue_6_unknown_tensor_and_wrong_shape(
     save_file(state, str(ft / "model.safetensors"))
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
     found = problems(manifest)
-    assert "fine-tune tensor vpm.extra_head.weight does not map onto the base: no tensor of that name in the base" in found
-    assert any(p.startswith(f"fine-tune tensor {name} does not map onto the base: shape [") for p in found), found
+    assert (
+        "fine-tune tensor vpm.extra_head.weight does not map onto the base: no tensor of that name in the base"
+        in found
+    )
+    assert any(p.startswith(f"fine-tune tensor {name} does not map onto the base: shape [") for p in found), (
+        found
+    )
     with pytest.raises(PlanError, match="does not map onto the base"):
         build(manifest, record_last_build=False)
 
@@ -268,20 +337,28 @@ def test_catalogue_7_untuned_change_stops_unless_allowed(
     ft = trainer_output_factory("remote", also_perturb="llm.")
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
     found = problems(manifest)
-    assert any("outside `finetune.tuned` differ from the base (under llm." in p and "that part was not frozen" in p
-               for p in found), found
+    assert any(
+        "outside `finetune.tuned` differ from the base (under llm." in p and "that part was not frozen" in p
+        for p in found
+    ), found
     result = build(manifest, allow_untuned_changes=True, record_last_build=False)
     assert any("taken from the base (--allow-untuned-changes)" in n for n in result.plan.notes)
     base = T.list_checkpoint(published_remote_base.local_dir)
     built = T.list_checkpoint(result.output)
-    assert all(T.tensor_bytes_equal(base.tensors[n], built.tensors[n]) for n in built.tensors if n.startswith("llm."))
+    assert all(
+        T.tensor_bytes_equal(base.tensors[n], built.tensors[n]) for n in built.tensors if n.startswith("llm.")
+    )
 
 
-def test_catalogue_7_fp16_round_trip_is_not_a_change(tmp_path: Path, remote_base_dir: Path, trainer_output_factory: Any) -> None:
+def test_catalogue_7_fp16_round_trip_is_not_a_change(
+    tmp_path: Path, remote_base_dir: Path, trainer_output_factory: Any
+) -> None:
     """A frozen tensor whose only difference is the trip through the training dtype counts as unchanged."""
     ft = trainer_output_factory("remote", dtype="float16")
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(f"base: {{path: {remote_base_dir}}}\nfinetune: {{path: {ft}, tuned: [vpm., resampler.]}}\noutput: {{dir: out}}\n")
+    manifest.write_text(
+        f"base: {{path: {remote_base_dir}}}\nfinetune: {{path: {ft}, tuned: [vpm., resampler.]}}\noutput: {{dir: out}}\n"
+    )
     assert problems(manifest) == []
 
 
@@ -290,8 +367,10 @@ def test_catalogue_8_tuned_part_identical_to_the_base(
 ) -> None:
     ft = trainer_output_factory("remote", tune=("vpm.",))
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
-    assert ("tuned prefix 'resampler.' is identical to the base (no tensor differs): wrong checkpoint, "
-            "or the change vanished in bfloat16") in problems(manifest)
+    assert (
+        "tuned prefix 'resampler.' is identical to the base (no tensor differs): wrong checkpoint, "
+        "or the change vanished in bfloat16"
+    ) in problems(manifest)
 
 
 def test_catalogue_8_change_that_vanished_in_bf16(
@@ -303,8 +382,12 @@ def test_catalogue_8_change_that_vanished_in_bf16(
         state[key] = state[key] * (1 + 1e-5)  # far below bf16's 8 bits of mantissa
     save_file(state, str(ft / "model.safetensors"))
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
-    assert any(p.startswith("tuned prefix 'resampler.' is identical to the base (") and "changed only below "
-               "bfloat16 resolution): wrong checkpoint, or the change vanished in bfloat16" in p for p in problems(manifest))
+    assert any(
+        p.startswith("tuned prefix 'resampler.' is identical to the base (")
+        and "changed only below bfloat16 resolution): wrong checkpoint, or the change vanished in bfloat16"
+        in p
+        for p in problems(manifest)
+    )
 
 
 def test_catalogue_9_nan_in_a_tuned_tensor(
@@ -316,51 +399,81 @@ def test_catalogue_9_nan_in_a_tuned_tensor(
     state[name][..., 0] = float("nan")
     save_file(state, str(ft / "model.safetensors"))
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
-    assert (f"tuned tensor {name} contains NaN or Inf: the training diverged; use an earlier checkpoint"
-            in problems(manifest))
+    assert (
+        f"tuned tensor {name} contains NaN or Inf: the training diverged; use an earlier checkpoint"
+        in problems(manifest)
+    )
 
 
 def test_catalogue_10_config_drift(
     tmp_path: Path, published_remote_base: PublishedModel, trainer_output_factory: Any
 ) -> None:
     ft = trainer_output_factory("remote", config_updates={"slice_config": {"max_slice_nums": 2}})
-    base_value = json.loads((published_remote_base.local_dir / "config.json").read_text())["slice_config"]["max_slice_nums"]
+    base_value = json.loads((published_remote_base.local_dir / "config.json").read_text())["slice_config"][
+        "max_slice_nums"
+    ]
     manifest = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
     plan = prepare(manifest).plan
     diff = {d.key: d for d in plan.config_diff}["slice_config.max_slice_nums"]
     assert (diff.base, diff.finetune) == (base_value, 2)
     assert diff.decision == "base value kept (add to finetune.keep_config to keep the fine-tune's)"
 
-    keep = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED, name="keep.yaml",
-                          extra={"finetune": {"keep_config": ["slice_config.max_slice_nums"]}})
+    keep = write_manifest(
+        tmp_path,
+        published_remote_base,
+        ft,
+        REMOTE_TUNED,
+        name="keep.yaml",
+        extra={"finetune": {"keep_config": ["slice_config.max_slice_nums"]}},
+    )
     out = build(keep, record_last_build=False).output
     assert json.loads((out / "config.json").read_text())["slice_config"]["max_slice_nums"] == 2
     assert json.loads((out / "preprocessor_config.json").read_text())["max_slice_nums"] == 2
     assert verify(out).passed
 
-    pair = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED, name="pair.yaml",
-                          extra={"finetune": {"keep_files": ["config.json"]}})
-    assert any(p.startswith("config.json slice_config.max_slice_nums=2 but preprocessor_config.json max_slice_nums=")
-               and "they must agree" in p for p in problems(pair))
+    pair = write_manifest(
+        tmp_path,
+        published_remote_base,
+        ft,
+        REMOTE_TUNED,
+        name="pair.yaml",
+        extra={"finetune": {"keep_files": ["config.json"]}},
+    )
+    assert any(
+        p.startswith("config.json slice_config.max_slice_nums=2 but preprocessor_config.json max_slice_nums=")
+        and "they must agree" in p
+        for p in problems(pair)
+    )
 
 
 def test_catalogue_11_branch_is_resolved_once_to_a_sha(
     tmp_path: Path, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
-    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED, revision="main")
+    manifest = write_manifest(
+        tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED, revision="main"
+    )
     result = build(manifest, record_last_build=False)
-    assert f"base revision 'main' resolved to commit {published_remote_base.sha}; the build uses and records the sha" in result.plan.notes
+    assert (
+        f"base revision 'main' resolved to commit {published_remote_base.sha}; the build uses and records the sha"
+        in result.plan.notes
+    )
     record = json.loads((result.output / "hubsync.json").read_text())
-    assert record["base"] == {"repo": published_remote_base.repo_id, "revision": "main",
-                              "sha": published_remote_base.sha, "path": None}
+    assert record["base"] == {
+        "repo": published_remote_base.repo_id,
+        "revision": "main",
+        "sha": published_remote_base.sha,
+        "path": None,
+    }
 
 
 def test_undeclared_tuned_lists_changed_prefixes(
     tmp_path: Path, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
     manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, None)
-    assert ("`finetune.tuned` is not declared; these prefixes changed: resampler., vpm.. Declare them: "
-            "`tuned: ['resampler.', 'vpm.']`") in problems(manifest)
+    assert (
+        "`finetune.tuned` is not declared; these prefixes changed: resampler., vpm.. Declare them: "
+        "`tuned: ['resampler.', 'vpm.']`"
+    ) in problems(manifest)
 
 
 # --- resolve errors ------------------------------------------------------------------------------------------
@@ -373,16 +486,26 @@ def test_undeclared_tuned_lists_changed_prefixes(
         (None, "no-such-branch", "Revision 'no-such-branch' does not exist in"),
     ],
 )
-def test_resolve_errors(tmp_path: Path, published_remote_base: PublishedModel, remote_trainer_output: Path,
-                        repo: str | None, revision: str, message: str) -> None:
-    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED, revision=revision)
+def test_resolve_errors(
+    tmp_path: Path,
+    published_remote_base: PublishedModel,
+    remote_trainer_output: Path,
+    repo: str | None,
+    revision: str,
+    message: str,
+) -> None:
+    manifest = write_manifest(
+        tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED, revision=revision
+    )
     if repo:
         manifest.write_text(manifest.read_text().replace(published_remote_base.repo_id, repo))
     with pytest.raises(HubsyncError, match=message.replace("(", r"\(").replace("`", "`")):
         prepare(manifest)
 
 
-def test_gated_base(tmp_path: Path, hub: Any, published_remote_base: PublishedModel, remote_trainer_output: Path) -> None:
+def test_gated_base(
+    tmp_path: Path, hub: Any, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
     import subprocess
     import sys
 
@@ -394,13 +517,17 @@ def test_gated_base(tmp_path: Path, hub: Any, published_remote_base: PublishedMo
         result = subprocess.run(
             [sys.executable, "-m", "hubsync", "plan", str(manifest)],
             env={**os.environ, **hub.client_env(tmp_path / "hf", token=OTHER_TOKEN)},
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     finally:
         hub.set_gated(published_remote_base.repo_id, False)
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {published_remote_base.repo_id} is gated: accept its terms on the Hub "
-                                     "with your account, then set HF_TOKEN.")
+    assert result.stderr.strip() == (
+        f"error: {published_remote_base.repo_id} is gated: accept its terms on the Hub "
+        "with your account, then set HF_TOKEN."
+    )
 
 
 def test_offline_build_from_cache_and_no_network(
@@ -409,11 +536,17 @@ def test_offline_build_from_cache_and_no_network(
     import subprocess
     import sys
 
-    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED, revision="main")
+    manifest = write_manifest(
+        tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED, revision="main"
+    )
     env = {**os.environ, **hub.client_env(tmp_path / "hf")}
     run = lambda extra: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "hubsync", "-q", "build", "--no-verify", str(manifest)],
-        env={**env, **extra}, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     cold_offline = run({"HF_HUB_OFFLINE": "1"})
     assert cold_offline.returncode == 1
@@ -424,14 +557,20 @@ def test_offline_build_from_cache_and_no_network(
     cold = {"HF_HOME": str(tmp_path / "cold"), "HF_HUB_CACHE": str(tmp_path / "cold" / "hub")}
     unreachable = run({"HF_ENDPOINT": "http://127.0.0.1:9", **cold})
     assert unreachable.returncode == 1
-    assert unreachable.stderr.startswith("error: Cannot reach the Hub to fetch") and "Traceback" not in unreachable.stderr
+    assert (
+        unreachable.stderr.startswith("error: Cannot reach the Hub to fetch")
+        and "Traceback" not in unreachable.stderr
+    )
 
 
 # --- writing is atomic, locked, and survives failures --------------------------------------------------------
 
 
 def test_failed_build_leaves_previous_output_untouched(
-    tmp_path: Path, published_remote_base: PublishedModel, remote_trainer_output: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    published_remote_base: PublishedModel,
+    remote_trainer_output: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
     out = build(manifest, record_last_build=False).output
@@ -462,7 +601,10 @@ def test_stale_staging_from_a_killed_build_is_cleaned(
     stale = tmp_path / ".out.hubsync-staging-99999"
     stale.mkdir()
     (stale / "model-00001-of-00003.safetensors").write_bytes(b"half")
-    build(write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED), record_last_build=False)
+    build(
+        write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED),
+        record_last_build=False,
+    )
     assert not stale.exists()
 
 
@@ -483,21 +625,41 @@ def test_doctor_diagnoses_and_prints_a_manifest_that_builds(
 
     env = {**os.environ, **hub.client_env(tmp_path / "hf")}
     result = subprocess.run(
-        [sys.executable, "-m", "hubsync", "doctor", str(remote_trainer_output), "--base", published_remote_base.repo_id],
-        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "hubsync",
+            "doctor",
+            str(remote_trainer_output),
+            "--base",
+            published_remote_base.repo_id,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    for expected in ("processor file preprocessor_config.json is missing from the fine-tune",
-                     "remote code file modeling_minicpmv.py is missing from the fine-tune",
-                     "auto_map points at another repo's code",
-                     "saved as F32 while the base is BF16",
-                     "trainer leftovers that must not be published: trainer_state.json, training_args.bin",
-                     "changed parts (declare them as finetune.tuned): resampler., vpm.",
-                     "no revision given for"):
+    for expected in (
+        "processor file preprocessor_config.json is missing from the fine-tune",
+        "remote code file modeling_minicpmv.py is missing from the fine-tune",
+        "auto_map points at another repo's code",
+        "saved as F32 while the base is BF16",
+        "trainer leftovers that must not be published: trainer_state.json, training_args.bin",
+        "changed parts (declare them as finetune.tuned): resampler., vpm.",
+        "no revision given for",
+    ):
         assert expected in result.stderr, expected
     (tmp_path / "manifest.yaml").write_text(result.stdout)
-    built = subprocess.run([sys.executable, "-m", "hubsync", "-q", "build", "manifest.yaml"], env=env,
-                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    built = subprocess.run(
+        [sys.executable, "-m", "hubsync", "-q", "build", "manifest.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr
 
 
@@ -522,19 +684,37 @@ def test_plan_cli_table_and_json(
 
     manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
     env = {**os.environ, **hub.client_env(tmp_path / "hf")}
-    table = subprocess.run([sys.executable, "-m", "hubsync", "plan", str(manifest)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    table = subprocess.run(
+        [sys.executable, "-m", "hubsync", "plan", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert table.returncode == 0, table.stderr
-    assert "model-00003-of-00003.safetensors  base       rewrite-shard  50 tuned tensor(s) from the fine-tune" in table.stdout
+    assert (
+        "model-00003-of-00003.safetensors  base       rewrite-shard  50 tuned tensor(s) from the fine-tune"
+        in table.stdout
+    )
     assert table.stdout.rstrip().endswith("ok: the plan breaks no rule")
-    as_json = subprocess.run([sys.executable, "-m", "hubsync", "plan", "--json", str(manifest)], env=env,
-                             capture_output=True, text=True, timeout=300)
+    as_json = subprocess.run(
+        [sys.executable, "-m", "hubsync", "plan", "--json", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     plan = json.loads(as_json.stdout)
     assert plan["base_sha"] == published_remote_base.sha and plan["problems"] == []
     assert {p["prefix"] for p in plan["prefixes"]} == set(REMOTE_TUNED)
     assert len([t for t in plan["tensors"] if t["source"] == "finetune"]) == 50
     assert not (tmp_path / "out").exists(), "plan must not write anything"
     broken = write_manifest(tmp_path, published_remote_base, remote_trainer_output, None, name="broken.yaml")
-    refused = subprocess.run([sys.executable, "-m", "hubsync", "plan", str(broken)], env=env,
-                             capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, "-m", "hubsync", "plan", str(broken)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 1 and "! `finetune.tuned` is not declared" in refused.stdout

@@ -9,14 +9,21 @@ from pathlib import Path
 from hubsync import __version__
 
 
-def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     import os
 
     full_env = dict(os.environ)
     full_env.pop("HUBSYNC_DEBUG", None)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "hubsync", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120
+        [sys.executable, "-m", "hubsync", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -54,7 +61,9 @@ def test_misspelt_manifest_key_is_one_line(tmp_path: Path) -> None:
     result = run("validate", str(manifest))
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.strip().splitlines() == [f"{manifest}:2: finetune.pth: unknown key 'pth': did you mean `path`?"]
+    assert result.stderr.strip().splitlines() == [
+        f"{manifest}:2: finetune.pth: unknown key 'pth': did you mean `path`?"
+    ]
     assert "Traceback" not in result.stderr
 
 

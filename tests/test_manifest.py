@@ -176,7 +176,10 @@ BAD = {
         "m.yaml:4: psuh: unknown key 'psuh': did you mean `push`?",
     ),
     "not yaml": ("base: [unclosed\n", "m.yaml:2: is not valid YAML"),
-    "not a mapping": ("- a\n- b\n", "m.yaml:1: must be a YAML mapping with base:, finetune: and output: sections"),
+    "not a mapping": (
+        "- a\n- b\n",
+        "m.yaml:1: must be a YAML mapping with base:, finetune: and output: sections",
+    ),
 }
 
 

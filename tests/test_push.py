@@ -24,14 +24,31 @@ from tests.test_build import REMOTE_TUNED, write_manifest
 
 
 def make_build(
-    tmp_path: Path, base: PublishedModel, finetune: Path, *, push_spec: dict[str, Any] | None = None,
+    tmp_path: Path,
+    base: PublishedModel,
+    finetune: Path,
+    *,
+    push_spec: dict[str, Any] | None = None,
     name: str = "manifest.yaml",
 ) -> tuple[Path, Path, str]:
     repo_id = f"my-org/{unique_repo_name('ft')}"
     spec = {"repo": repo_id, **(push_spec or {})}
-    manifest = write_manifest(tmp_path, base, finetune, REMOTE_TUNED, extra={
-        "push": spec, "card": {"description": "A vision fine-tune for tests.", "tags": ["vision"],
-                               "datasets": ["my-org/captions"], "language": ["en"]}}, name=name)
+    manifest = write_manifest(
+        tmp_path,
+        base,
+        finetune,
+        REMOTE_TUNED,
+        extra={
+            "push": spec,
+            "card": {
+                "description": "A vision fine-tune for tests.",
+                "tags": ["vision"],
+                "datasets": ["my-org/captions"],
+                "language": ["en"],
+            },
+        },
+        name=name,
+    )
     out = build(manifest, record_last_build=False).output
     assert verify(out).passed
     return manifest, out, spec["repo"]
@@ -48,7 +65,9 @@ def changed_copy(finetune: Path, dest: Path) -> Path:
     state = load_file(str(dest / "model.safetensors"))
     state["resampler.query"] = state["resampler.query"] + 0.25
     save_file(state, str(dest / "model.safetensors"))
-    assert not torch.equal(state["resampler.query"], load_file(str(finetune / "model.safetensors"))["resampler.query"])
+    assert not torch.equal(
+        state["resampler.query"], load_file(str(finetune / "model.safetensors"))["resampler.query"]
+    )
     return dest
 
 
@@ -70,7 +89,9 @@ def test_push_then_fresh_download_loads_and_verifies(
 ) -> None:
     from huggingface_hub import snapshot_download
 
-    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output, push_spec={"tag": "v1"})
+    manifest, out, repo_id = make_build(
+        tmp_path, published_remote_base, remote_trainer_output, push_spec={"tag": "v1"}
+    )
     hub.clear_log()
     result = push(manifest)
     assert not result.up_to_date and result.created_repo and result.tag == "v1"
@@ -162,8 +183,13 @@ def test_create_pr_leaves_main_alone(
 @pytest.mark.parametrize("kind", ["429", "500", "drop"])
 @pytest.mark.parametrize("route", ["lfs-upload", "commit"])
 def test_transient_faults_are_retried_to_a_complete_commit(
-    kind: str, route: str, tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel,
-    remote_trainer_output: Path, monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    route: str,
+    tmp_path: Path,
+    hub: LocalHub,
+    published_remote_base: PublishedModel,
+    remote_trainer_output: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("hubsync.push.time.sleep", lambda s: None)
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
@@ -176,19 +202,27 @@ def test_transient_faults_are_retried_to_a_complete_commit(
 
 
 def test_permanent_failure_leaves_no_repo_behind(
-    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path,
+    tmp_path: Path,
+    hub: LocalHub,
+    published_remote_base: PublishedModel,
+    remote_trainer_output: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("hubsync.push.time.sleep", lambda s: None)
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
     hub.inject_fault("commit", kind="500", times=50)
-    with pytest.raises(PushError, match=rf"the push to {repo_id} failed \(HTTP 500\) after 5 retries; the repo is unchanged"):
+    with pytest.raises(
+        PushError, match=rf"the push to {repo_id} failed \(HTTP 500\) after 5 retries; the repo is unchanged"
+    ):
         push(manifest)
     assert not hub.repo_exists(repo_id)
 
 
 def test_permanent_failure_leaves_an_existing_repo_as_it_was(
-    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, trainer_output_factory: Any,
+    tmp_path: Path,
+    hub: LocalHub,
+    published_remote_base: PublishedModel,
+    trainer_output_factory: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("hubsync.push.time.sleep", lambda s: None)
@@ -205,7 +239,10 @@ def test_permanent_failure_leaves_an_existing_repo_as_it_was(
 
 
 def test_moved_branch_is_a_conflict(
-    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, trainer_output_factory: Any,
+    tmp_path: Path,
+    hub: LocalHub,
+    published_remote_base: PublishedModel,
+    trainer_output_factory: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from huggingface_hub import HfApi
@@ -225,7 +262,10 @@ def test_moved_branch_is_a_conflict(
         return files
 
     monkeypatch.setattr(push_module, "_remote_files", someone_else_commits)
-    with pytest.raises(PushError, match=rf"{repo_id}@main moved while pushing \(someone else committed\): run `hubsync status`"):
+    with pytest.raises(
+        PushError,
+        match=rf"{repo_id}@main moved while pushing \(someone else committed\): run `hubsync status`",
+    ):
         push(manifest)
     assert "other.txt" in hub.list_files(repo_id, content=False)
 
@@ -240,7 +280,9 @@ def test_status_reports_base_move_and_local_changes(
     assert before["remote"]["exists"] is False
     push(manifest)
     synced = status(manifest)
-    assert synced["remote"]["in_sync"] and synced["remote"]["last_commit"]["title"].startswith("hubsync: build from")
+    assert synced["remote"]["in_sync"] and synced["remote"]["last_commit"]["title"].startswith(
+        "hubsync: build from"
+    )
     assert synced["base"]["moved"] is False
     # a private base branch that moves: use a fresh copy of the base so other tests keep their pin
     (out / "generation_config.json").write_text("{}\n")
@@ -258,28 +300,48 @@ def test_status_reports_base_move_and_local_changes(
     assert moved["base"]["moved"] is True and moved["base"]["changed_files"] == ["config.json"]
 
 
-def run_cli(args: list[str], hub: LocalHub, tmp_path: Path, token: str | None = DEFAULT_TOKEN,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], hub: LocalHub, tmp_path: Path, token: str | None = DEFAULT_TOKEN, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **hub.client_env(tmp_path / "hf-cli", token=token)}
-    return subprocess.run([sys.executable, "-m", "hubsync", *args], env=env, capture_output=True, text=True,
-                          cwd=cwd or tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hubsync", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=cwd or tmp_path,
+        timeout=300,
+    )
 
 
 def test_cli_build_then_bare_push_and_token_errors(
     tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
     repo_id = f"my-org/{unique_repo_name('cli')}"
-    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED,
-                              extra={"push": {"repo": repo_id}})
+    manifest = write_manifest(
+        tmp_path,
+        published_remote_base,
+        remote_trainer_output,
+        REMOTE_TUNED,
+        extra={"push": {"repo": repo_id}},
+    )
     built = run_cli(["-q", "build", str(manifest)], hub, tmp_path)
     assert built.returncode == 0, built.stderr
     missing = run_cli(["push"], hub, tmp_path, token=None)
     assert missing.returncode == 1
-    assert missing.stderr.strip() == "error: no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`."
+    assert (
+        missing.stderr.strip()
+        == "error: no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`."
+    )
     wrong = run_cli(["push"], hub, tmp_path, token="hf_wrong")
-    assert wrong.stderr.strip() == "error: the Hugging Face token was refused (401): set HF_TOKEN to a valid write token."
+    assert (
+        wrong.stderr.strip()
+        == "error: the Hugging Face token was refused (401): set HF_TOKEN to a valid write token."
+    )
     other = run_cli(["push"], hub, tmp_path, token=OTHER_TOKEN)
-    assert other.stderr.strip().startswith(f"error: you are logged in as other, who cannot write to {repo_id}")
+    assert other.stderr.strip().startswith(
+        f"error: you are logged in as other, who cannot write to {repo_id}"
+    )
     for result in (missing, wrong, other):
         assert "Traceback" not in result.stderr and "hf_" not in result.stderr.replace("hf auth", "")
     assert not hub.repo_exists(repo_id)
@@ -295,8 +357,13 @@ def test_unverified_build_is_refused_unless_skipped(
     tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
     repo_id = f"my-org/{unique_repo_name('gate')}"
-    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED,
-                              extra={"push": {"repo": repo_id}})
+    manifest = write_manifest(
+        tmp_path,
+        published_remote_base,
+        remote_trainer_output,
+        REMOTE_TUNED,
+        extra={"push": {"repo": repo_id}},
+    )
     assert run_cli(["-q", "build", "--no-verify", str(manifest)], hub, tmp_path).returncode == 0
     refused = run_cli(["push", str(manifest)], hub, tmp_path)
     assert refused.returncode == 1 and "was never verified: run `hubsync verify" in refused.stderr
@@ -308,12 +375,17 @@ def test_unverified_build_is_refused_unless_skipped(
     assert T.sha256_file(tmp_path / "out" / "README.md")  # the local card is left as it was
 
 
-def test_status_cli(tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path) -> None:
+def test_status_cli(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
     before = run_cli(["status", str(manifest)], hub, tmp_path)
     assert before.returncode == 0, before.stderr
     assert f"remote  {repo_id}@main does not exist yet: `hubsync push` creates it" in before.stdout
-    assert f"base    {published_remote_base.repo_id}@{published_remote_base.sha} still at the pinned" in before.stdout
+    assert (
+        f"base    {published_remote_base.repo_id}@{published_remote_base.sha} still at the pinned"
+        in before.stdout
+    )
     push(manifest)
     after = run_cli(["status", "--json", str(manifest)], hub, tmp_path)
     data = json.loads(after.stdout)
@@ -321,7 +393,9 @@ def test_status_cli(tmp_path: Path, hub: LocalHub, published_remote_base: Publis
     env_offline = subprocess.run(
         [sys.executable, "-m", "hubsync", "push", str(manifest)],
         env={**os.environ, **hub.client_env(tmp_path / "hf-off"), "HF_HUB_OFFLINE": "1"},
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert env_offline.returncode == 1
     assert env_offline.stderr.strip() == (

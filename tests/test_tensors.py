@@ -18,6 +18,9 @@ from safetensors.torch import save_file
 from hubsync import tensors as T
 from hubsync.errors import BuildError, FinetuneError
 
+# A safetensors file and the tensors written into it.
+Shard = tuple[Path, dict[str, "torch.Tensor"]]
+
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -40,7 +43,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.fixture
-def shard(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def shard(tmp_path: Path) -> Shard:
     tensors = _tensors()
     path = tmp_path / "model.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt", "note": "héllo"})
@@ -408,9 +411,7 @@ def test_write_shard_with_one_tensor_replaced(tmp_path: Path, shard: Shard) -> N
             assert _bitwise_equal(f.get_tensor(name), expected)
 
 
-def test_write_shard_with_a_dtype_change_builds_a_new_header(
-    tmp_path: Path, shard: Shard
-) -> None:
+def test_write_shard_with_a_dtype_change_builds_a_new_header(tmp_path: Path, shard: Shard) -> None:
     path, tensors = shard
     header = T.read_safetensors_header(path)
     changed = "model.layers.0.input_layernorm.weight"  # F32 in the base, written as BF16
@@ -565,7 +566,10 @@ def test_dtype_helpers() -> None:
     assert T.torch_dtype("F8_E4M3") is torch.float8_e4m3fn
     assert T.st_dtype(torch.float16) == "F16" and T.st_dtype(torch.bool) == "BOOL"
     assert [T.dtype_from_name(n) for n in ("bfloat16", "float16", "float32", "torch.bfloat16")] == [
-        "BF16", "F16", "F32", "BF16"
+        "BF16",
+        "F16",
+        "F32",
+        "BF16",
     ]
     with pytest.raises(ValueError, match="use one of bfloat16, float16, float32"):
         T.dtype_from_name("int4")

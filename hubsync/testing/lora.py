@@ -21,7 +21,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubsync.testing.models import _deterministic, _is_remote_base, _prepare_dest, _write_json, read_state_dict
+from hubsync.testing.models import (
+    _deterministic,
+    _is_remote_base,
+    _prepare_dest,
+    _write_json,
+    read_state_dict,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +39,12 @@ NATIVE_TARGETS = (*LLM_PROJECTIONS, "fc1", "fc2", "out_proj")
 REMOTE_TARGETS = (*LLM_PROJECTIONS, "fc1", "fc2")
 NATIVE_MODULES_TO_SAVE = ("multi_modal_projector",)
 REMOTE_MODULES_TO_SAVE = ("resampler",)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def load_base_model(base_dir: Path, dtype: str = "bfloat16") -> Any:
@@ -107,7 +118,11 @@ def make_lora_output(
             for name, param in model.named_parameters():
                 if ".lora_" in name:
                     # What training leaves: A of the usual init scale, B moved away from its zero init.
-                    scale = b_scale if ".lora_B" in name or "lora_embedding_B" in name else 1.0 / param.shape[-1] ** 0.5
+                    scale = (
+                        b_scale
+                        if ".lora_B" in name or "lora_embedding_B" in name
+                        else 1.0 / param.shape[-1] ** 0.5
+                    )
                     param.copy_(torch.randn(param.shape, generator=generator) * scale)
                 elif ".modules_to_save." in name:
                     param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.05)
@@ -120,8 +135,10 @@ def make_lora_output(
         for name in _TOKENIZER_FILES:
             if (base_dir / name).is_file():
                 shutil.copyfile(base_dir / name, dest / name)
-        torch.save({"use_lora": True, "lora_r": r, "model_name_or_path": base_name or str(base_dir)},
-                   dest / "training_args.bin")
+        torch.save(
+            {"use_lora": True, "lora_r": r, "model_name_or_path": base_name or str(base_dir)},
+            dest / "training_args.bin",
+        )
         _write_json(dest / "trainer_state.json", {"global_step": 2, "log_history": []})
     return dest
 
@@ -161,7 +178,9 @@ def make_deepspeed_checkpoint(dest: Path, *, step: int = 4, with_script: bool = 
     for rank in range(2):
         (shards / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"placeholder")
     if with_script:
-        (dest / "zero_to_fp32.py").write_text("# DeepSpeed's conversion script is copied here by the engine\n")
+        (dest / "zero_to_fp32.py").write_text(
+            "# DeepSpeed's conversion script is copied here by the engine\n"
+        )
     _write_json(dest / "config.json", {"model_type": "llama"})
     _write_json(dest / "trainer_state.json", {"global_step": step})
     return dest
