@@ -50,44 +50,53 @@ def _compare_one(
     import torch
 
     out = T.torch_dtype(out_dtype)
+    # When the training dtype holds every base value exactly and the output is the base's dtype, a chunk
+    # equal to the base-as-trained is equal in the output too: no second cast or compare is needed.
+    exact_back = out_dtype == base_info.dtype and ft_info.dtype in _WIDER.get(base_info.dtype, {base_info.dtype})
     seen_all = out_all = True
     nonfinite = False
-    max_abs = diff_sq = base_sq = 0.0
+    max_abs = diff_sq = 0.0
     # Chunk by chunk, so that memory stays at a few chunks even for a 500 MB embedding matrix.
     for b, t in zip(T.iter_tensor_chunks(base_info), T.iter_tensor_chunks(ft_info)):
-        seen = b.to(t.dtype)  # the base as the training run saw it
-        seen_equal = torch.equal(seen, t)
-        o = t.to(out)
-        bo = b.to(out)
-        out_equal = (
-            seen_equal
-            and (seen.dtype == t.dtype == out or torch.equal(o, bo))
-            or (
-                not seen_equal and torch.equal(o, bo)  # NaN is never equal, so equal chunks hold none
-            )
-        )
+        seen_equal = torch.equal(b.to(t.dtype), t)  # the base as the training run saw it
+        if seen_equal and exact_back:
+            continue
+        o, bo = t.to(out), b.to(out)
+        out_equal = torch.equal(o, bo)  # NaN is never equal, so an equal chunk holds none
         seen_all &= seen_equal
         out_all &= out_equal
-        if not t.is_floating_point():
+        if out_equal or seen_equal or not t.is_floating_point():
             continue
-        b32 = bo.float()
-        base_sq += float(torch.linalg.vector_norm(b32)) ** 2
-        if not out_equal and not seen_equal:
-            if T.has_nan_or_inf(t):
-                nonfinite = True
-                continue
-            d = o.float() - b32
-            max_abs = max(max_abs, float(d.abs().max()))
-            diff_sq += float(torch.linalg.vector_norm(d)) ** 2
+        if T.has_nan_or_inf(t):
+            nonfinite = True
+            continue
+        d = o.float() - bo.float()
+        max_abs = max(max_abs, float(d.abs().max()))
+        diff_sq += float(torch.linalg.vector_norm(d)) ** 2
     if out_all:
         state: State = "same" if seen_all else "vanished"
         return TensorDiff(name, source, state, ft_info.dtype, out_dtype, numel)
     if seen_all:
         return TensorDiff(name, source, "roundtrip", ft_info.dtype, out_dtype, numel)
-    if nonfinite:
-        return TensorDiff(name, source, "changed", ft_info.dtype, out_dtype, numel, True, math.nan, math.nan)
+    if nonfinite or not torch_is_float(ft_info.dtype):
+        return TensorDiff(name, source, "changed", ft_info.dtype, out_dtype, numel, nonfinite, math.nan, math.nan)
+    # ||base|| only for tensors that changed (the tuned ones): a second, cheap pass over the base alone.
+    base_sq = sum(float(torch.linalg.vector_norm(b.float())) ** 2 for b in T.iter_tensor_chunks(base_info))
     rel = math.sqrt(diff_sq) / math.sqrt(base_sq) if base_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
     return TensorDiff(name, source, "changed", ft_info.dtype, out_dtype, numel, False, max_abs, rel)
+
+
+# Training dtypes that hold every value of a base dtype exactly (so casting back is the identity).
+_WIDER: dict[str, set[str]] = {
+    "BF16": {"BF16", "F32", "F64"},
+    "F16": {"F16", "F32", "F64"},
+    "F32": {"F32", "F64"},
+    "F64": {"F64"},
+}
+
+
+def torch_is_float(st_dtype: str) -> bool:
+    return st_dtype.startswith(("F", "BF"))
 
 
 def iter_diffs(
