@@ -1179,22 +1179,15 @@ def _kernel_copy(fd_in: int, fd_out: int, size: int) -> None:
     # Each method continues from the file positions the previous one left, so a fallback after a partial
     # copy neither skips nor repeats bytes.
     remaining = size
+    methods: list[Callable[[int], int]] = []
     if hasattr(os, "copy_file_range"):
-        try:
-            while remaining > 0:
-                n = os.copy_file_range(fd_in, fd_out, min(remaining, 1 << 30))
-                if n == 0:
-                    break
-                remaining -= n
-            if remaining <= 0:
-                return
-        except OSError as err:
-            if err.errno not in _COPY_FALLBACK_ERRNOS:
-                raise
+        methods.append(lambda n: os.copy_file_range(fd_in, fd_out, n))
     if hasattr(os, "sendfile"):
+        methods.append(lambda n: os.sendfile(fd_out, fd_in, None, n))
+    for method in methods:
         try:
             while remaining > 0:
-                n = os.sendfile(fd_out, fd_in, None, min(remaining, 1 << 30))
+                n = method(min(remaining, 1 << 30))
                 if n == 0:
                     break
                 remaining -= n
