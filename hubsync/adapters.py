@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from hubsync import tensors as T
 from hubsync.errors import FinetuneError
+from hubsync.names import architecture_renames, candidate_names
 from hubsync.tensors import BinTensorRef, Checkpoint, ComputedTensor, TensorRef
 
 if TYPE_CHECKING:
@@ -436,8 +437,6 @@ def _base_name(
     name: str, base_tensors: Mapping[str, TensorRef], spec: FinetuneSpec | None, config: dict[str, Any]
 ) -> str | None:
     """The base tensor a fine-tune tensor name stands for, by the same rules the pipeline maps names with."""
-    from hubsync.finetune import candidate_names
-
     rules = spec.rename if spec is not None else ()
     return next((c for c in candidate_names(name, rules, _arch(config)) if c in base_tensors), None)
 
@@ -446,8 +445,6 @@ _ARCH_CACHE: dict[str, Any] = {}
 
 
 def _arch(config: dict[str, Any]) -> Any:
-    from hubsync.finetune import architecture_renames
-
     key = json.dumps([config.get("model_type"), config.get("architectures")], sort_keys=True, default=str)
     if key not in _ARCH_CACHE:
         _ARCH_CACHE[key] = architecture_renames(config)
