@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from hubsync import tensors as T
 from hubsync.errors import FinetuneError
 from hubsync.names import architecture_renames, candidate_names
-from hubsync.tensors import BinTensorRef, Checkpoint, ComputedTensor, TensorRef
+from hubsync.tensors import Checkpoint, ComputedTensor, TensorRef
 
 if TYPE_CHECKING:
     import torch
@@ -200,20 +200,61 @@ def _names(value: object, key: str, folder: Path) -> str | tuple[str, ...] | Non
 
 def read_adapter_settings(folder: Path) -> LoraSettings:
     """Read and check `adapter_config.json`; refuse, by name, every adapter hubsync cannot merge exactly."""
-    path = Path(folder) / ADAPTER_CONFIG
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    doc = _config_document(Path(folder))
+    _refuse_unmergeable(doc, folder)
+    r, alpha = doc.get("r"), doc.get("lora_alpha")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise _config_error(folder, f"has an invalid r {r!r}: expected a positive integer")
+    if not _is_number(alpha):
+        raise _config_error(folder, f"has an invalid lora_alpha {alpha!r}: expected a number")
+    rank_pattern, alpha_pattern = (
+        _pattern(doc, "rank_pattern", folder),
+        _pattern(doc, "alpha_pattern", folder),
+    )
+    if any(not float(v).is_integer() or v <= 0 for v in rank_pattern.values()):
+        raise _config_error(
+            folder, f"has an invalid rank_pattern {rank_pattern!r}: ranks are positive integers"
+        )
+    modules_to_save = doc.get("modules_to_save") or ()
+    if not isinstance(modules_to_save, (list, tuple)) or not all(isinstance(m, str) for m in modules_to_save):
+        raise _config_error(
+            folder, f"has an invalid modules_to_save {modules_to_save!r}: expected a list of names"
+        )
+    for key in ("use_rslora", "fan_in_fan_out", "lora_bias"):
+        if not isinstance(doc.get(key, False), bool):
+            raise _config_error(folder, f"has an invalid {key} {doc.get(key)!r}: expected true or false")
+    base_name, revision = doc.get("base_model_name_or_path"), doc.get("revision")
+    return LoraSettings(
+        r=r,
+        lora_alpha=float(alpha) if isinstance(alpha, float) else alpha,
+        use_rslora=bool(doc.get("use_rslora", False)),
+        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
+        alpha_pattern=dict(alpha_pattern),
+        fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
+        lora_bias=bool(doc.get("lora_bias", False)),
+        target_modules=_target_modules(doc, folder),
+        exclude_modules=_names(doc.get("exclude_modules"), "exclude_modules", folder),
+        modules_to_save=tuple(modules_to_save),
+        base_model_name_or_path=base_name if isinstance(base_name, str) and base_name else None,
+        revision=revision if isinstance(revision, str) and revision else None,
+    )
+
+
+def _config_document(folder: Path) -> dict[str, Any]:
+    from hubsync.fsio import read_json_object
+
+    doc = read_json_object(
+        folder / ADAPTER_CONFIG, error=FinetuneError, fix="re-save the adapter with save_pretrained()"
+    )
+    if doc is None:
         raise FinetuneError(
             f"{folder} has no {ADAPTER_CONFIG}: it is not a PEFT adapter; set `finetune.format`"
-        ) from None
-    except (UnicodeDecodeError, ValueError) as err:
-        raise _config_error(
-            folder, f"is not valid JSON ({err}): re-save the adapter with save_pretrained()"
-        ) from None
-    if not isinstance(doc, dict):
-        raise _config_error(folder, "is not a JSON object: re-save the adapter with save_pretrained()")
+        )
+    return doc
 
+
+def _refuse_unmergeable(doc: dict[str, Any], folder: Path) -> None:
+    """Adapter types and LoRA variants whose merge is not a plain W + s·B·A, refused by name."""
     peft_type = doc.get("peft_type")
     if not isinstance(peft_type, str):
         raise _config_error(folder, "has no peft_type: re-save the adapter with PEFT's save_pretrained()")
@@ -243,38 +284,23 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
             "plain LoRA against the original base"
         )
 
-    r, alpha = doc.get("r"), doc.get("lora_alpha")
-    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        raise _config_error(folder, f"has an invalid r {r!r}: expected a positive integer")
-    if not _is_number(alpha):
-        raise _config_error(folder, f"has an invalid lora_alpha {alpha!r}: expected a number")
-    patterns: dict[str, dict[str, Any]] = {}
-    for key in ("rank_pattern", "alpha_pattern"):
-        value = doc.get(key) or {}
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and _is_number(v) for k, v in value.items()
-        ):
-            raise _config_error(folder, f"has an invalid {key} {value!r}: expected module name -> number")
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise _config_error(
-                    folder, f"{key} key {pattern!r} is not a valid regular expression ({err})"
-                ) from None
-        patterns[key] = value
-    if any(not float(v).is_integer() or v <= 0 for v in patterns["rank_pattern"].values()):
-        raise _config_error(
-            folder, f"has an invalid rank_pattern {patterns['rank_pattern']!r}: ranks are positive integers"
-        )
-    modules_to_save = doc.get("modules_to_save") or ()
-    if not isinstance(modules_to_save, (list, tuple)) or not all(isinstance(m, str) for m in modules_to_save):
-        raise _config_error(
-            folder, f"has an invalid modules_to_save {modules_to_save!r}: expected a list of names"
-        )
-    for key in ("use_rslora", "fan_in_fan_out", "lora_bias"):
-        if not isinstance(doc.get(key, False), bool):
-            raise _config_error(folder, f"has an invalid {key} {doc.get(key)!r}: expected true or false")
+
+def _pattern(doc: dict[str, Any], key: str, folder: Path) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern: module-name regex -> number."""
+    value = doc.get(key) or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in value.items()):
+        raise _config_error(folder, f"has an invalid {key} {value!r}: expected module name -> number")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise _config_error(
+                folder, f"{key} key {pattern!r} is not a valid regular expression ({err})"
+            ) from None
+    return value
+
+
+def _target_modules(doc: dict[str, Any], folder: Path) -> str | tuple[str, ...] | None:
     target = _names(doc.get("target_modules"), "target_modules", folder)
     if isinstance(target, str) and target != _LINEAR_SHORTHAND:
         try:
@@ -283,21 +309,7 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
             raise _config_error(
                 folder, f"target_modules {target!r} is not a valid regular expression ({err})"
             ) from None
-    base_name, revision = doc.get("base_model_name_or_path"), doc.get("revision")
-    return LoraSettings(
-        r=r,
-        lora_alpha=float(alpha) if isinstance(alpha, float) else alpha,
-        use_rslora=bool(doc.get("use_rslora", False)),
-        rank_pattern={k: int(v) for k, v in patterns["rank_pattern"].items()},
-        alpha_pattern=dict(patterns["alpha_pattern"]),
-        fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
-        lora_bias=bool(doc.get("lora_bias", False)),
-        target_modules=target,
-        exclude_modules=_names(doc.get("exclude_modules"), "exclude_modules", folder),
-        modules_to_save=tuple(modules_to_save),
-        base_model_name_or_path=base_name if isinstance(base_name, str) and base_name else None,
-        revision=revision if isinstance(revision, str) and revision else None,
-    )
+    return target
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -309,42 +321,11 @@ def _adapter_tensors(folder: Path) -> tuple[Path, dict[str, TensorRef]]:
     if st.is_file():  # PEFT prefers safetensors when both exist
         return st, dict(T.read_safetensors_header(st).tensors)
     if binary.is_file():
-        return binary, _list_bin(binary)
+        return binary, dict(T.list_bin(binary, FinetuneError))
     raise FinetuneError(
         f"{folder} has {ADAPTER_CONFIG} but neither {ADAPTER_SAFETENSORS} nor {ADAPTER_BIN}: copy the adapter "
         "weights next to it, or point `finetune.path` at the folder that has them"
     )
-
-
-def _list_bin(path: Path) -> dict[str, TensorRef]:
-    import pickle
-    import zipfile
-
-    import torch
-
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu", mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        raise FinetuneError(
-            f"{path.name} cannot be loaded safely (it needs arbitrary pickled code): re-save the adapter with "
-            "save_pretrained(safe_serialization=True)"
-        ) from err
-    except Exception as err:  # torch raises several types for a damaged file
-        raise FinetuneError(
-            f"{path.name} is not a readable PyTorch file ({err}); re-save the adapter"
-        ) from err
-    if not isinstance(state, dict):
-        raise FinetuneError(
-            f"{path.name} holds a {type(state).__name__}, not a state dict; re-save the adapter"
-        )
-    refs: dict[str, TensorRef] = {}
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            dtype = T.st_dtype(value.dtype)
-            refs[name] = BinTensorRef(
-                name, dtype, tuple(value.shape), path, T.dtype_nbytes(dtype, value.shape)
-            )
-    return refs
 
 
 @dataclass
@@ -509,6 +490,28 @@ def _lineage_notes(
     return notes
 
 
+@dataclass
+class _Reading:
+    """What reading an adapter collects as it goes, module by module."""
+
+    settings: LoraSettings
+    weights_file: Path
+    base_tensors: Mapping[str, TensorRef]
+    base_config: dict[str, Any]
+    spec: FinetuneSpec | None
+    copies: dict[str, TensorRef] = field(default_factory=dict)
+    tensors: dict[str, TensorRef] = field(default_factory=dict)
+    merged: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    tuned: set[str] = field(default_factory=set)
+    unselected: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def base_name(self, key: str) -> str | None:
+        return _base_name(key, self.base_tensors, self.spec, self.base_config)
+
+
 def read_adapter(
     folder: Path,
     base_tensors: Mapping[str, TensorRef],
@@ -526,13 +529,47 @@ def read_adapter(
     folder = Path(folder)
     settings = read_adapter_settings(folder)
     weights_file, stored = _adapter_tensors(folder)
-    problems: list[str] = []
-    notes: list[str] = _lineage_notes(settings, base_tensors, base_repo, base_revision)
+    reading = _Reading(settings, weights_file, base_tensors, base_config, spec)
+    reading.notes.extend(_lineage_notes(settings, base_tensors, base_repo, base_revision))
+    modules = _sort_stored(stored, reading)
+    for module in sorted(modules.values(), key=lambda m: m.name):
+        _merge_module(module, reading)
+    _note_selection(modules, reading)
+    _take_copies(reading)
+    if not reading.tensors or (modules and not reading.merged):
+        # Nothing of the adapter fits: one message, not a problem per module.
+        problems = reading.problems
+        first = f": {problems[0]}" if problems else ""
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise FinetuneError(
+            f"none of the {len(modules)} LoRA module(s) in {folder} lands on the base; check that `base` is the "
+            f"model the adapter was trained on{first}{more}"
+        )
+    reading.notes.insert(0, _summary_note(reading))
+    checkpoint = Checkpoint(
+        folder=folder,
+        format="bin" if weights_file.suffix == ".bin" else "safetensors",
+        files=(weights_file,),
+        tensors=reading.tensors,
+    )
+    return Adapter(
+        folder=folder,
+        weights_file=weights_file,
+        settings=settings,
+        checkpoint=checkpoint,
+        tuned_prefixes=_outermost(reading.tuned),
+        problems=tuple(reading.problems),
+        notes=tuple(reading.notes),
+        merged=tuple(reading.merged),
+        copied=tuple(reading.copied),
+    )
 
+
+def _sort_stored(stored: Mapping[str, TensorRef], reading: _Reading) -> dict[str, _Module]:
+    """The adapter file's tensors: LoRA factors per module, and whole copies (into `reading.copies`)."""
     modules: dict[str, _Module] = {}
-    copies: dict[str, TensorRef] = {}
     for key, info in stored.items():
-        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        name = key.removeprefix(PEFT_PREFIX)
         lora = _LORA_KEY.match(name)
         emb = _EMBEDDING_KEY.match(name) if lora is None else None
         if lora is not None:
@@ -544,8 +581,8 @@ def read_adapter(
             elif lora["part"] == "lora_B":
                 module.b_bias = info
             else:
-                problems.append(
-                    f"{weights_file.name} holds {key}: lora_A has no bias in PEFT; re-save the adapter"
+                reading.problems.append(
+                    f"{reading.weights_file.name} holds {key}: lora_A has no bias in PEFT; re-save the adapter"
                 )
         elif emb is not None:
             module = modules.setdefault(emb["module"], _Module(emb["module"], embedding=True))
@@ -556,195 +593,199 @@ def read_adapter(
                 module.b = info
         elif _OTHER_ADAPTER_KEY.search("." + name):
             raise FinetuneError(
-                f"{weights_file.name} holds {key}, which is not plain LoRA (DoRA, AdaLoRA or another method) although "
-                f"{ADAPTER_CONFIG} says LORA: re-save the adapter, or merge it with PEFT's merge_and_unload()"
+                f"{reading.weights_file.name} holds {key}, which is not plain LoRA (DoRA, AdaLoRA or another "
+                f"method) although {ADAPTER_CONFIG} says LORA: re-save the adapter, or merge it with PEFT's "
+                "merge_and_unload()"
             )
-        elif ".original_module." in name:
-            continue  # the frozen original beside a modules_to_save copy: the base has it
-        else:
-            copies[_SAVED_COPY.sub(".", name)] = info
+        elif (
+            ".original_module." not in name
+        ):  # the frozen original beside a modules_to_save copy: the base has it
+            reading.copies[_SAVED_COPY.sub(".", name)] = info
+    return modules
 
-    tensors: dict[str, TensorRef] = {}
-    merged: list[str] = []
-    copied: list[str] = []
-    tuned: set[str] = set()
-    unselected: list[str] = []
-    for module in sorted(modules.values(), key=lambda m: m.name):
-        where = f"{weights_file.name}: {module.name}"
-        if module.a is None or module.b is None:
-            present = "lora_A" if module.b is None else "lora_B"
-            problems.append(f"{where} has only {present}: the adapter file is incomplete; re-save it")
-            continue
-        weight_key = f"{PEFT_PREFIX}{module.name}.weight"
-        base_weight = _base_name(weight_key, base_tensors, spec, base_config)
-        if base_weight is None:
-            problems.append(
-                f"{where} has LoRA weights, but the base has no {module.name}.weight: the adapter targets a "
-                "module this base does not have (made for another model?)"
-            )
-            continue
-        base_info = base_tensors[base_weight]
-        shape = tuple(base_info.shape)
-        a_shape, b_shape = tuple(module.a.shape), tuple(module.b.shape)
-        kind = "embedding" if module.embedding else {2: "linear", 4: "conv2d"}.get(len(shape), "other")
-        if kind == "other":
-            problems.append(
-                f"{where}: the base weight {base_weight} has {len(shape)} dimensions; hubsync merges LoRA on "
-                "linear, embedding and 2-D convolution layers only"
-            )
-            continue
-        if not settings.targets(module.name, kind == "linear"):
-            unselected.append(module.name)
-        rank = settings.rank(module.name)
-        a_rank = a_shape[0]
-        b_rank = b_shape[1] if len(b_shape) > 1 else -1
-        if module.embedding:
-            a_rank, b_rank = a_shape[0], b_shape[1] if len(b_shape) == 2 else -1
-        if a_rank != rank or b_rank != rank:
-            problems.append(
-                f"{where}: lora_A/lora_B have rank {a_rank}/{b_rank}, but {ADAPTER_CONFIG} gives r={rank} for this "
-                "module (r, rank_pattern): the config does not belong to these weights"
-            )
-            continue
-        if kind == "linear":
-            delta_shape = (b_shape[0], a_shape[1]) if len(a_shape) == len(b_shape) == 2 else None
-            if delta_shape is not None and settings.fan_in_fan_out:
-                delta_shape = (delta_shape[1], delta_shape[0])
-        elif kind == "embedding":
-            delta_shape = (a_shape[1], b_shape[0]) if len(a_shape) == len(b_shape) == 2 else None
-        else:
-            ok = len(a_shape) == 4 and b_shape[2:] == (1, 1) and len(b_shape) == 4
-            delta_shape = (b_shape[0], a_shape[1], *a_shape[2:]) if ok else None
-        if delta_shape != shape:
-            problems.append(
-                f"{where}: lora_B @ lora_A is {list(delta_shape) if delta_shape else 'not a matrix product'}, but the "
-                f"base's {base_weight} is {list(shape)}: the adapter was made for another model"
-                + (
-                    " (or fan_in_fan_out is wrong)"
-                    if kind == "linear" and delta_shape and delta_shape[::-1] == shape
-                    else ""
-                )
-            )
-            continue
-        scaling = settings.scaling(module.name)
-        # A whole copy of the module's own weight in the adapter (embedding layers PEFT saved alongside, a
-        # trained bias) is what PEFT loads into the base layer before it merges: start from that.
-        start = copies.pop(f"{module.name}.base_layer.weight", None) or copies.pop(
-            f"{module.name}.weight", None
+
+def _layer_kind(module: _Module, shape: tuple[int, ...]) -> str:
+    return "embedding" if module.embedding else {2: "linear", 4: "conv2d"}.get(len(shape), "other")
+
+
+def _delta_shape(kind: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], fan_in_fan_out: bool) -> Any:
+    """The shape of B @ A as PEFT merges it for this kind of layer, or None when the factors do not multiply."""
+    if kind == "linear":
+        shape = (b_shape[0], a_shape[1]) if len(a_shape) == len(b_shape) == 2 else None
+        return (shape[1], shape[0]) if shape is not None and fan_in_fan_out else shape
+    if kind == "embedding":
+        return (a_shape[1], b_shape[0]) if len(a_shape) == len(b_shape) == 2 else None
+    ok = len(a_shape) == 4 and b_shape[2:] == (1, 1) and len(b_shape) == 4
+    return (b_shape[0], a_shape[1], *a_shape[2:]) if ok else None
+
+
+def _factor_problem(
+    module: _Module, kind: str, base_weight: str, shape: tuple[int, ...], reading: _Reading
+) -> str | None:
+    """Why the module's factors cannot merge into the base weight, or None."""
+    assert module.a is not None and module.b is not None
+    where = f"{reading.weights_file.name}: {module.name}"
+    settings = reading.settings
+    if kind == "other":
+        return (
+            f"{where}: the base weight {base_weight} has {len(shape)} dimensions; hubsync merges LoRA on "
+            "linear, embedding and 2-D convolution layers only"
         )
-        tensors[weight_key] = ComputedTensor(
-            name=weight_key,
-            dtype="F32",
-            shape=shape,
-            compute=_merge(
-                start or base_info,
-                base_info.dtype,
-                module.a,
-                module.b,
-                kind=kind,
-                fan_in_fan_out=settings.fan_in_fan_out and kind == "linear",
-                scaling=scaling,
-            ),
+    rank = settings.rank(module.name)
+    a_shape, b_shape = tuple(module.a.shape), tuple(module.b.shape)
+    a_rank, b_rank = a_shape[0], b_shape[1] if len(b_shape) > 1 else -1
+    if a_rank != rank or b_rank != rank:
+        return (
+            f"{where}: lora_A/lora_B have rank {a_rank}/{b_rank}, but {ADAPTER_CONFIG} gives r={rank} for this "
+            "module (r, rank_pattern): the config does not belong to these weights"
         )
-        merged.append(base_weight)
-        tuned.add(part_prefix(base_weight))
-        if module.b_bias is not None:
-            if not settings.lora_bias:
-                problems.append(
-                    f"{where} has lora_B.bias, but {ADAPTER_CONFIG} says lora_bias: false; re-save the adapter"
-                )
-                continue
-            bias_key = f"{PEFT_PREFIX}{module.name}.bias"
-            base_bias = _base_name(bias_key, base_tensors, spec, base_config)
-            if base_bias is None:
-                problems.append(
-                    f"{where} has a LoRA bias, but the base layer has no bias: PEFT cannot merge it either"
-                )
-                continue
-            bias_info = base_tensors[base_bias]
-            if tuple(module.b_bias.shape) != tuple(bias_info.shape):
-                problems.append(
-                    f"{where}: lora_B.bias is {list(module.b_bias.shape)}, the base's {base_bias} is "
-                    f"{list(bias_info.shape)}"
-                )
-                continue
-            start_bias = copies.pop(f"{module.name}.base_layer.bias", None) or copies.pop(
-                f"{module.name}.bias", None
-            )
-            tensors[bias_key] = ComputedTensor(
-                name=bias_key,
-                dtype="F32",
-                shape=tuple(bias_info.shape),
-                compute=_merge_bias(start_bias or bias_info, bias_info.dtype, module.b_bias, scaling),
-            )
-            merged.append(base_bias)
-        elif settings.lora_bias:
-            problems.append(
+    delta_shape = _delta_shape(kind, a_shape, b_shape, settings.fan_in_fan_out)
+    if delta_shape == shape:
+        return None
+    flipped = kind == "linear" and delta_shape and delta_shape[::-1] == shape
+    return (
+        f"{where}: lora_B @ lora_A is {list(delta_shape) if delta_shape else 'not a matrix product'}, but the "
+        f"base's {base_weight} is {list(shape)}: the adapter was made for another model"
+        + (" (or fan_in_fan_out is wrong)" if flipped else "")
+    )
+
+
+def _merge_module(module: _Module, reading: _Reading) -> None:
+    """One LoRA module: its weight (and bias) merge, or the problem that prevents it."""
+    where = f"{reading.weights_file.name}: {module.name}"
+    if module.a is None or module.b is None:
+        present = "lora_A" if module.b is None else "lora_B"
+        reading.problems.append(f"{where} has only {present}: the adapter file is incomplete; re-save it")
+        return
+    weight_key = f"{PEFT_PREFIX}{module.name}.weight"
+    base_weight = reading.base_name(weight_key)
+    if base_weight is None:
+        reading.problems.append(
+            f"{where} has LoRA weights, but the base has no {module.name}.weight: the adapter targets a "
+            "module this base does not have (made for another model?)"
+        )
+        return
+    base_info = reading.base_tensors[base_weight]
+    shape = tuple(base_info.shape)
+    kind = _layer_kind(module, shape)
+    if kind != "other" and not reading.settings.targets(module.name, kind == "linear"):
+        reading.unselected.append(module.name)
+    problem = _factor_problem(module, kind, base_weight, shape, reading)
+    if problem is not None:
+        reading.problems.append(problem)
+        return
+    settings = reading.settings
+    # A whole copy of the module's own weight in the adapter (embedding layers PEFT saved alongside, a
+    # trained bias) is what PEFT loads into the base layer before it merges: start from that.
+    copies = reading.copies
+    start = copies.pop(f"{module.name}.base_layer.weight", None) or copies.pop(f"{module.name}.weight", None)
+    reading.tensors[weight_key] = ComputedTensor(
+        name=weight_key,
+        dtype="F32",
+        shape=shape,
+        compute=_merge(
+            start or base_info,
+            base_info.dtype,
+            module.a,
+            module.b,
+            kind=kind,
+            fan_in_fan_out=settings.fan_in_fan_out and kind == "linear",
+            scaling=settings.scaling(module.name),
+        ),
+    )
+    reading.merged.append(base_weight)
+    reading.tuned.add(part_prefix(base_weight))
+    _merge_module_bias(module, reading)
+
+
+def _merge_module_bias(module: _Module, reading: _Reading) -> None:
+    where = f"{reading.weights_file.name}: {module.name}"
+    settings = reading.settings
+    if module.b_bias is None:
+        if settings.lora_bias:
+            reading.problems.append(
                 f"{where}: {ADAPTER_CONFIG} says lora_bias: true, but the file has no lora_B.bias; re-save the adapter"
             )
+        return
+    if not settings.lora_bias:
+        reading.problems.append(
+            f"{where} has lora_B.bias, but {ADAPTER_CONFIG} says lora_bias: false; re-save the adapter"
+        )
+        return
+    bias_key = f"{PEFT_PREFIX}{module.name}.bias"
+    base_bias = reading.base_name(bias_key)
+    if base_bias is None:
+        reading.problems.append(
+            f"{where} has a LoRA bias, but the base layer has no bias: PEFT cannot merge it either"
+        )
+        return
+    bias_info = reading.base_tensors[base_bias]
+    if tuple(module.b_bias.shape) != tuple(bias_info.shape):
+        reading.problems.append(
+            f"{where}: lora_B.bias is {list(module.b_bias.shape)}, the base's {base_bias} is {list(bias_info.shape)}"
+        )
+        return
+    copies = reading.copies
+    start = copies.pop(f"{module.name}.base_layer.bias", None) or copies.pop(f"{module.name}.bias", None)
+    reading.tensors[bias_key] = ComputedTensor(
+        name=bias_key,
+        dtype="F32",
+        shape=tuple(bias_info.shape),
+        compute=_merge_bias(
+            start or bias_info, bias_info.dtype, module.b_bias, settings.scaling(module.name)
+        ),
+    )
+    reading.merged.append(base_bias)
 
+
+def _note_selection(modules: dict[str, _Module], reading: _Reading) -> None:
+    """LoRA weights that target_modules does not select (PEFT would ignore them), and targets with no weights."""
+    settings, unselected = reading.settings, reading.unselected
     if unselected:
         shown = ", ".join(unselected[:3]) + (
             f" and {len(unselected) - 3} more" if len(unselected) > 3 else ""
         )
-        problems.append(
-            f"{weights_file.name} has LoRA weights for {shown}, which target_modules {settings.target_modules!r} does "
-            "not select: PEFT would ignore them; fix target_modules in adapter_config.json or re-save the adapter"
+        reading.problems.append(
+            f"{reading.weights_file.name} has LoRA weights for {shown}, which target_modules "
+            f"{settings.target_modules!r} does not select: PEFT would ignore them; fix target_modules in "
+            "adapter_config.json or re-save the adapter"
         )
     if isinstance(settings.target_modules, tuple):
         unused = [
             t for t in settings.target_modules if not any(m == t or m.endswith(f".{t}") for m in modules)
         ]
         if unused:
-            notes.append(f"target_modules {', '.join(unused)} matched no LoRA weights in {weights_file.name}")
+            reading.notes.append(
+                f"target_modules {', '.join(unused)} matched no LoRA weights in {reading.weights_file.name}"
+            )
 
-    for name, info in copies.items():
+
+def _take_copies(reading: _Reading) -> None:
+    """Whole copies (modules_to_save, trained biases) become fine-tune tensors as they are."""
+    for name, info in reading.copies.items():
         key = f"{PEFT_PREFIX}{name}"
-        tensors[key] = info
-        base = _base_name(key, base_tensors, spec, base_config)
+        reading.tensors[key] = info
+        base = reading.base_name(key)
         if base is not None:  # an unmatched copy is reported by the pipeline's name mapping
-            copied.append(base)
-            tuned.add(part_prefix(base))
-    for wanted in settings.modules_to_save:
-        if not any(re.search(rf"(^|\.){re.escape(wanted)}\.", name) for name in copies):
-            notes.append(
+            reading.copied.append(base)
+            reading.tuned.add(part_prefix(base))
+    for wanted in reading.settings.modules_to_save:
+        if not any(re.search(rf"(^|\.){re.escape(wanted)}\.", name) for name in reading.copies):
+            reading.notes.append(
                 f"modules_to_save lists '{wanted}', but the adapter holds no weights for it: taken from the base"
             )
 
-    if not tensors or (modules and not merged):
-        # Nothing of the adapter fits: one message, not a problem per module.
-        first = f": {problems[0]}" if problems else ""
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise FinetuneError(
-            f"none of the {len(modules)} LoRA module(s) in {folder} lands on the base; check that `base` is the "
-            f"model the adapter was trained on{first}{more}"
-        )
 
+def _summary_note(reading: _Reading) -> str:
+    settings = reading.settings
     scale_rule = "alpha/sqrt(r)" if settings.use_rslora else "alpha/r"
     patterns = " with rank_pattern/alpha_pattern" if settings.rank_pattern or settings.alpha_pattern else ""
-    notes.insert(
-        0,
+    return (
         f"PEFT LoRA adapter (r={settings.r}, lora_alpha={settings.lora_alpha:g}, scale {scale_rule}{patterns}"
         + (", fan_in_fan_out" if settings.fan_in_fan_out else "")
-        + f"): {len(merged)} base tensor(s) merged as W + scale·B·A in float32 and rounded once to the output "
-        f"dtype; {len(copied)} tensor(s) taken whole from the adapter (modules_to_save, trained biases)",
-    )
-    checkpoint = Checkpoint(
-        folder=folder,
-        format="bin" if weights_file.suffix == ".bin" else "safetensors",
-        files=(weights_file,),
-        tensors=tensors,
-    )
-    return Adapter(
-        folder=folder,
-        weights_file=weights_file,
-        settings=settings,
-        checkpoint=checkpoint,
-        tuned_prefixes=_outermost(tuned),
-        problems=tuple(problems),
-        notes=tuple(notes),
-        merged=tuple(merged),
-        copied=tuple(copied),
+        + f"): {len(reading.merged)} base tensor(s) merged as W + scale·B·A in float32 and rounded once to the "
+        f"output dtype; {len(reading.copied)} tensor(s) taken whole from the adapter (modules_to_save, trained "
+        "biases)"
     )
 
 

@@ -1,25 +1,36 @@
-"""`hubsync build`: manifest -> resolve -> read -> compare -> plan -> write (+ card, provenance) -> verify.
+"""`hubsync build`: manifest -> resolve -> read -> compare -> plan -> write (+ card, record) -> verify -> swap.
 
 This module only strings the stages together; each stage lives in its own module. `prepare` stops after the
-plan (that is `hubsync plan`); `build` goes on and writes.
+plan (that is `hubsync plan`); `build` goes on, writes into a staging folder, verifies it there, and swaps it
+into `output.dir` only when verification passed (or was skipped with `verify=False`), all under the output's
+lock: a build that fails verification leaves the previous output in place.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hubsync import __version__
 from hubsync.card import CardInputs, render_card
 from hubsync.compare import TensorDiff, compare
-from hubsync.errors import BuildError
+from hubsync.errors import BuildError, VerifyError
 from hubsync.finetune import FinetuneInventory, is_weight_file, read_finetune
 from hubsync.manifest import Manifest, load_manifest
 from hubsync.plan import Plan, make_plan, output_dtype_for
+from hubsync.record import (
+    BaseRef,
+    BuildRecord,
+    FileEntry,
+    LocalRecord,
+    TunedTensor,
+    remember_last_build,
+    save,
+    save_local,
+)
 from hubsync.resolve import BaseInventory, read_json_files, resolve_base
 from hubsync.write import (
     OutputLock,
@@ -28,12 +39,12 @@ from hubsync.write import (
     remove_stale_staging,
     swap_into_place,
     write_files,
-    write_json_atomic,
 )
 
+if TYPE_CHECKING:
+    from hubsync.verify import Report
+
 log = logging.getLogger("hubsync")
-PROVENANCE = "hubsync.json"
-LAST_BUILD = Path(".hubsync") / "last-build.json"
 MAX_JSON_BYTES = 5_000_000
 
 
@@ -52,7 +63,9 @@ class BuildResult:
     output: Path
     plan: Plan
     files: tuple[WrittenFile, ...]
-    record: dict[str, Any]
+    record: BuildRecord
+    report: Report | None  # None when built with verify=False
+    failed_output: Path | None = None  # where a build that failed verification was left for inspection
 
 
 def _read_base_json(base: BaseInventory) -> dict[str, dict[str, Any]]:
@@ -103,7 +116,7 @@ def prepare_manifest(
     return Prepared(manifest, manifest_path, base, finetune, diffs, plan)
 
 
-def card_inputs(prep: Prepared, verification: dict[str, Any] | None) -> CardInputs:
+def card_inputs(prep: Prepared) -> CardInputs:
     manifest = prep.manifest
     base_card = (
         (prep.base.folder / "README.md").read_text(encoding="utf-8")
@@ -115,7 +128,7 @@ def card_inputs(prep: Prepared, verification: dict[str, Any] | None) -> CardInpu
         base_repo=prep.base.repo_id,
         base_sha=prep.base.sha,
         base_card=base_card,
-        manifest_text=prep.manifest_path.read_text(encoding="utf-8"),
+        manifest=manifest.to_data(prep.manifest_path.resolve().parent),
         license=manifest.card.license,
         tags=manifest.card.tags,
         datasets=manifest.card.datasets,
@@ -127,50 +140,42 @@ def card_inputs(prep: Prepared, verification: dict[str, Any] | None) -> CardInpu
             f in prep.base.files for f in ("preprocessor_config.json", "processor_config.json")
         ),
         remote_code=any(f.endswith(".py") for f in prep.base.files),
-        verification=verification,
     )
 
 
-def provenance(
-    prep: Prepared, written: list[WrittenFile] | tuple[WrittenFile, ...], card: CardInputs
-) -> dict[str, Any]:
-    """hubsync.json: how this folder was built. Deterministic: the same inputs give the same bytes."""
-    plan = prep.plan
-    return {
-        "hubsync_version": __version__,
-        "manifest_path": str(prep.manifest_path.resolve()),
-        "manifest": prep.manifest.to_record(),
-        "base": {
-            "repo": prep.base.repo_id,
-            "revision": prep.base.revision,
-            "sha": prep.base.sha,
-            "path": None if prep.base.repo_id else str(prep.base.folder),
+def make_record(prep: Prepared, written: list[WrittenFile], card: CardInputs) -> BuildRecord:
+    """hubsync.json for this build. Deterministic, and free of local paths: the same inputs give the same bytes
+    on any machine."""
+    root = prep.manifest_path.resolve().parent
+    data = prep.manifest.to_data(root)
+    base = prep.base
+    return BuildRecord(
+        hubsync_version=__version__,
+        manifest=data,
+        manifest_file=prep.manifest_path.name,
+        base=BaseRef(base.repo_id, base.revision, base.sha, data["base"].get("path")),
+        finetune_path=str(data["finetune"]["path"]),
+        finetune_format="peft"
+        if prep.finetune.derived_tuned is not None
+        else prep.finetune.checkpoint.format,
+        files={w.path: FileEntry(w.sha256, w.size, w.source) for w in sorted(written, key=lambda w: w.path)},
+        tuned_tensors={
+            t.name: TunedTensor(t.finetune_name or t.name, t.dtype, t.shard) for t in prep.plan.tuned_tensors
         },
-        "finetune": {
-            "folder": str(prep.finetune.folder),
-            "format": "peft" if prep.finetune.derived_tuned is not None else prep.finetune.checkpoint.format,
-        },
-        "files": {
-            w.path: {"sha256": w.sha256, "size": w.size, "source": w.source}
-            for w in sorted(written, key=lambda w: w.path)
-        },
-        "tuned_tensors": {
-            t.name: {"from": t.finetune_name, "dtype": t.dtype, "shard": t.shard} for t in plan.tuned_tensors
-        },
-        "prefixes": [asdict(p) for p in plan.prefixes],
-        "notes": list(plan.notes),
-        "card_inputs": asdict(card),
-        "verification": None,
-    }
+        prefixes=tuple(asdict(p) for p in prep.plan.prefixes),
+        notes=tuple(prep.plan.notes),
+        card_inputs=card.to_record(),
+    )
 
 
 def build(
     manifest_path: Path,
     *,
+    verify: bool = False,
     allow_untuned_changes: bool = False,
     record_last_build: bool = True,
 ) -> BuildResult:
-    """Write the output folder (without verification; the CLI runs verify afterwards)."""
+    """Write the output folder; with `verify`, verify it before it replaces the previous output."""
     prep = prepare(manifest_path, allow_untuned_changes=allow_untuned_changes)
     prep.plan.raise_for_problems()
     output = prep.manifest.output.dir
@@ -180,55 +185,95 @@ def build(
         remove_stale_staging(output)
         staging = new_staging(output)
         try:
-            card = card_inputs(prep, verification=None)
-            written = write_files(
-                staging,
-                prep.plan,
-                prep.base,
-                prep.finetune,
-                link=prep.manifest.output.link,
-                card_text=render_card(card),
-            )
-            record = provenance(prep, written, card)
-            write_json_atomic(staging / PROVENANCE, record)
-            swap_into_place(staging, output)
+            result = _write_and_verify(prep, staging, verify=verify)
         except BaseException:
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    _finish(prep, result, record_last_build=record_last_build)
+    return result
+
+
+def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildResult:
+    output = prep.manifest.output.dir
+    card = card_inputs(prep)
+    written = write_files(
+        staging,
+        prep.plan,
+        prep.base,
+        prep.finetune,
+        link=prep.manifest.output.link,
+        card_text=render_card(card),
+    )
+    record = make_record(prep, written, card)
+    save(staging, record)
+    report = None
+    if verify:
+        record, report = _verify_staging(prep, staging, record)
+        if not report.passed:
+            failed = _keep_failed(staging, output)
+            return BuildResult(output, prep.plan, tuple(written), record, report, failed_output=failed)
+    swap_into_place(staging, output)
+    return BuildResult(output, prep.plan, tuple(written), record, report)
+
+
+def _verify_staging(prep: Prepared, staging: Path, record: BuildRecord) -> tuple[BuildRecord, Report]:
+    from hubsync.verify import record_verification, run_checks, subject_for_build
+
+    subject = subject_for_build(
+        staging,
+        record,
+        prep.manifest,
+        prep.manifest_path,
+        base_folder=prep.base.folder,
+        finetune_folder=prep.finetune.folder,
+    )
+    report, current = run_checks(subject)
+    report.folder = prep.manifest.output.dir
+    return record_verification(staging, record, report, current), report
+
+
+def _keep_failed(staging: Path, output: Path) -> Path:
+    """A build that failed verification never replaces the output; it is kept beside it for inspection."""
+    failed = output.with_name(f"{output.name}.failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    staging.rename(failed)
+    return failed
+
+
+def _finish(prep: Prepared, result: BuildResult, *, record_last_build: bool) -> None:
+    if result.failed_output is not None:
+        return
+    report = result.report
+    save_local(
+        result.output,
+        LocalRecord(
+            content_id=result.record.content_id,
+            manifest_path=str(prep.manifest_path.resolve()),
+            finetune_folder=str(prep.finetune.folder),
+            base_folder=str(prep.base.folder),
+            timings_s={k: round(v, 3) for k, v in report.timings.items()} if report else {},
+            peak_memory_bytes=dict(report.memory) if report else {},
+        ),
+    )
     if record_last_build:
-        _record_last_build(manifest_path, output)
+        warning = remember_last_build(prep.manifest_path, result.output)
+        if warning:
+            log.warning("%s", warning)
     log.info(
         "built %s: %d file(s), %d tensor(s) from the fine-tune",
-        output,
-        len(written),
-        len(prep.plan.tuned_tensors),
+        result.output,
+        len(result.files),
+        len(result.plan.tuned_tensors),
     )
-    return BuildResult(output, prep.plan, tuple(written), record)
 
 
-def _record_last_build(manifest_path: Path, output: Path) -> None:
-    """So that a bare `hubsync push` in this directory knows what to push."""
-    try:
-        LAST_BUILD.parent.mkdir(exist_ok=True)
-        tmp = LAST_BUILD.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"manifest": str(manifest_path.resolve()), "output": str(output)}, indent=2) + "\n"
-        )
-        os.replace(tmp, LAST_BUILD)
-    except OSError as err:  # a read-only working directory must not fail a finished build
-        log.warning("could not record the last build in %s (%s)", LAST_BUILD, err)
+def failed_verification(result: BuildResult) -> VerifyError:
+    """The error a build that failed verification ends with."""
+    from hubsync.verify import summary_line
 
-
-def load_record(folder: Path) -> dict[str, Any]:
-    path = folder / PROVENANCE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BuildError(
-            f"{folder} has no {PROVENANCE}: it was not built by hubsync; run `hubsync build` first"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise BuildError(f"{path} cannot be read ({err}): rebuild with `hubsync build`") from None
-    return data if isinstance(data, dict) else {}
+    assert result.report is not None
+    kept = f"; the failed build is in {result.failed_output}" if result.failed_output else ""
+    return VerifyError(
+        f"the build failed verification ({summary_line(result.report)}): {result.output} was left as it was"
+        f"{kept}; fix the fine-tune or the manifest and build again"
+    )

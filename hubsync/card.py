@@ -7,15 +7,15 @@ card that loses them misrepresents the model (failure catalogue #12).
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from string import Template
 from typing import Any
 
 import yaml
-
-INHERITED_KEYS = ("license", "license_name", "license_link", "pipeline_tag", "library_name")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class CardInputs:
     base_repo: str | None
     base_sha: str | None
     base_card: str | None  # the base's README.md text
-    manifest_text: str  # the manifest as the user wrote it (relative paths; nothing from this machine)
+    manifest: Mapping[str, Any]  # the manifest as data, local paths relative to its folder
     license: str = "inherit"
     tags: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
@@ -39,6 +39,15 @@ class CardInputs:
     verification: dict[str, Any] | None = None
     skip_verify_check: bool = False
     extra_tags: tuple[str, ...] = field(default=("hubsync",))
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any], **changes: Any) -> CardInputs:
+        """The inputs as hubsync.json stores them (lists for tuples), with `changes` applied."""
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**{**fields, **changes})
+
+    def to_record(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=list))
 
 
 def split_front_matter(text: str | None) -> tuple[dict[str, Any], str]:
@@ -178,5 +187,5 @@ def render_card(inputs: CardInputs) -> str:
         dtype_summary=", ".join(inputs.tuned_dtypes) or "the base's dtype",
         verification=verification_section(inputs),
         snippet=loading_snippet(inputs),
-        manifest_yaml=inputs.manifest_text.strip(),
+        manifest_yaml=yaml.safe_dump(dict(inputs.manifest), sort_keys=False, allow_unicode=True).strip(),
     )

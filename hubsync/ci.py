@@ -27,16 +27,6 @@ if TYPE_CHECKING:  # annotations only
     from hubsync.push import PushResult
     from hubsync.verify import Report
 
-# What the title of an annotation says for each kind of error (by class name: no import of hubsync.errors).
-_TITLES = {
-    "ManifestError": "hubsync: manifest",
-    "PlanError": "hubsync: plan",
-    "BaseResolutionError": "hubsync: base model",
-    "FinetuneError": "hubsync: fine-tune",
-    "BuildError": "hubsync: build",
-    "VerifyError": "hubsync: verification failed",
-    "PushError": "hubsync: push failed",
-}
 _MARK = {True: "✅ pass", False: "❌ FAIL", None: "➖ skip"}
 
 
@@ -324,6 +314,11 @@ def after_push(result: PushResult) -> None:
     )
 
 
+def _title(err: BaseException) -> str:
+    """The error class's own title (HubsyncError.title, read by duck typing: no import here), or its name."""
+    return str(getattr(err, "title", None) or type(err).__name__)
+
+
 def report_error(err: BaseException) -> None:
     """Turn the error that ends a command into annotations and a summary section.
 
@@ -350,8 +345,8 @@ def report_error(err: BaseException) -> None:
             message = fmt()
         else:
             message = f"{name}: {err} (a bug in hubsync: please report it, with HUBSYNC_DEBUG=1 output)"
-        annotate(message, title=_TITLES.get(name, "hubsync"))
+        annotate(message, title=f"hubsync: {_title(err)}")
         lines = [f"- {_cell(message)}"]
     append_summary(
-        "\n".join([f"## ❌ hubsync failed: {_TITLES.get(name, name).removeprefix('hubsync: ')}", "", *lines])
+        "\n".join([f"## ❌ hubsync failed: {_title(err)}", "", *lines])
     )

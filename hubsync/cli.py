@@ -76,13 +76,9 @@ def validate(manifest: Path, as_json: bool) -> None:
     try:
         loaded = load_manifest(manifest)
     except ManifestError as err:
-        ci.report_error(err)
         if as_json:
             _echo_json({"valid": False, "problems": [p.to_dict() for p in err.problems]})
-        else:
-            for problem in err.problems:
-                click.echo(problem.render(), err=True)
-        raise SystemExit(err.exit_code) from None
+        raise err.listing_all() from None
     ci.after_validate(loaded)
     if as_json:
         _echo_json({"valid": True, "manifest": loaded.to_record()})
@@ -108,8 +104,7 @@ def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
         _echo_json(prepared.plan.to_dict())
     else:
         click.echo(render(prepared.plan))
-    if prepared.plan.problems:
-        raise SystemExit(1)
+    prepared.plan.raise_for_problems()
 
 
 @cli.command()
@@ -122,52 +117,56 @@ def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
     help="Accept changes outside `finetune.tuned` (taken from the base).",
 )
 def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes: bool) -> None:
-    """Build a complete, loadable repo folder from the pinned base plus the tuned tensors."""
-    from hubsync.build import build as run_build
+    """Build a complete, loadable repo folder from the pinned base plus the tuned tensors, and verify it.
+
+    The new folder replaces the previous output only when it verified (or with --no-verify).
+    """
+    from hubsync.build import build as run_build, failed_verification
     from hubsync.plan import render
+    from hubsync.verify import render_report
 
-    with ci.group("hubsync build: resolve, plan, write"):
-        result = run_build(manifest, allow_untuned_changes=allow_untuned_changes)
-    report = None
-    if not no_verify:
-        from hubsync.verify import render_report, verify as run_verify
-
-        with ci.group("hubsync verify"):
-            report = run_verify(result.output)
+    with ci.group("hubsync build: resolve, plan, write, verify"):
+        result = run_build(manifest, verify=not no_verify, allow_untuned_changes=allow_untuned_changes)
+    report = result.report
     ci.after_build(manifest, result, report)
     if as_json:
         _echo_json(
             {
                 "output": str(result.output),
                 "plan": result.plan.to_dict(),
-                "verification": None if report is None else report.to_record({}),
+                "verification": None if report is None else report.to_json(),
             }
         )
     else:
         click.echo(render(result.plan))
-        click.echo(f"\nbuilt {result.output}")
+        if result.failed_output is None:
+            click.echo(f"\nbuilt {result.output}")
         if report is not None:
             click.echo(render_report(report))
     if report is not None and not report.passed:
-        from hubsync.errors import VerifyError
-        from hubsync.verify import summary_line
-
-        raise VerifyError(f"the build in {result.output} failed verification: {summary_line(report)}")
+        raise failed_verification(result)
 
 
 @cli.command()
 @click.argument("target", type=click.Path(path_type=Path), metavar="PATH_OR_MANIFEST")
 @JSON_FLAG
-def verify(target: Path, as_json: bool) -> None:
+@click.option(
+    "--trust-remote-code/--no-trust-remote-code",
+    default=None,
+    help="Allow the pinned base's own code to run (default: the manifest's verify.trust_remote_code; "
+    "never the folder's own record).",
+)
+def verify(target: Path, as_json: bool, trust_remote_code: bool | None) -> None:
     """Prove that a build loads and runs (on a GPU when there is one)."""
     from hubsync.errors import VerifyError
-    from hubsync.verify import render_report, summary_line, verify as run_verify
+    from hubsync.verify import render_report, summary_line
+    from hubsync.verify import verify as run_verify
 
     with ci.group("hubsync verify"):
-        report = run_verify(target)
+        report = run_verify(target, trust_remote_code=trust_remote_code)
     ci.after_verify(report)
     if as_json:
-        _echo_json(report.to_record({}))
+        _echo_json(report.to_json())
     else:
         click.echo(render_report(report))
     if not report.passed:
@@ -219,7 +218,8 @@ def push(ctx: click.Context, manifest: Path | None, as_json: bool, skip_verify_c
 @JSON_FLAG
 def status(manifest: Path | None, as_json: bool) -> None:
     """Has the base moved? Does the local build differ from the published repo?"""
-    from hubsync.push import render_status, status as run_status
+    from hubsync.push import render_status
+    from hubsync.push import status as run_status
 
     data = run_status(manifest)
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else render_status(data))
@@ -259,6 +259,14 @@ def demo(workdir: Path) -> None:
     run_demo(workdir)
 
 
+def _echo_error(err: HubsyncError) -> None:
+    if isinstance(err, ManifestError) and err.list_all:
+        for problem in err.problems:
+            click.echo(problem.render(), err=True)
+    else:
+        click.echo(f"error: {err.one_line()}", err=True)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: the one error boundary of hubsync."""
     debug = os.environ.get("HUBSYNC_DEBUG", "") not in ("", "0")
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         ci.report_error(err)
         if debug:
             raise
-        click.echo(f"error: {err.one_line()}", err=True)
+        _echo_error(err)
         sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)

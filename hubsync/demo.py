@@ -61,7 +61,7 @@ def _run(workdir: Path, endpoint: str) -> None:
         make_trainer_output,
         publish_model,
     )
-    from hubsync.verify import render_report, verify
+    from hubsync.verify import render_report
 
     _step(1, f"A local Hub at {endpoint}; publishing the tiny remote-code base {BASE_REPO}")
     base_dir = make_remote_code_vlm(workdir / "base-src")
@@ -91,9 +91,10 @@ def _run(workdir: Path, endpoint: str) -> None:
         "  tags: [vision]\n"
     )
     click.echo("    " + manifest.read_text().replace("\n", "\n    ").rstrip())
-    result = build(manifest, record_last_build=False)
+    result = build(manifest, verify=True, record_last_build=False)
     click.echo("    " + render(result.plan).replace("\n", "\n    "))
-    report = verify(result.output)
+    report = result.report
+    assert report is not None
     click.echo("    " + render_report(report).replace("\n", "\n    "))
     if not report.passed:
         raise HubsyncError("the demo build failed verification; this is a bug in hubsync, please report it")

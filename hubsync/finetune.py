@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from hubsync.errors import FinetuneError
+from hubsync.fsio import list_files
 from hubsync.manifest import FinetuneSpec
 from hubsync.names import Unmapped, architecture_renames, map_names
-from hubsync.resolve import list_files, read_json
+from hubsync.resolve import read_json
 from hubsync.tensors import Checkpoint, TensorRef, list_checkpoint
 
 # What trainers leave beside the weights; none of it belongs in a published model repo.

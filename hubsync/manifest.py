@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -30,6 +31,8 @@ from hubsync.errors import ManifestError, ManifestProblem
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 OutputDtype = Literal["base", "bfloat16", "float16", "float32"]
+# (section, key) of every local path in a manifest: resolved against the manifest's folder when read.
+LOCAL_PATH_FIELDS = (("base", "path"), ("finetune", "path"), ("output", "dir"), ("verify", "image"))
 
 
 def _check_repo_id(value: str) -> str:
@@ -282,8 +285,18 @@ class Manifest(_Section):
     card: CardSpec = CardSpec()
 
     def to_record(self) -> dict[str, Any]:
-        """The manifest as resolved, JSON-ready (for hubsync.json and the card)."""
+        """The manifest as resolved, JSON-ready, with absolute local paths (for this machine only)."""
         return json.loads(self.model_dump_json(by_alias=True, exclude_none=True))
+
+    def to_data(self, root: Path) -> dict[str, Any]:
+        """The manifest as data for what is published (hubsync.json, the card): local paths relative to `root`,
+        the manifest's folder, so that nothing names this machine's folders; no comments, no formatting."""
+        data = self.to_record()
+        for section, key in LOCAL_PATH_FIELDS:
+            value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+            if isinstance(value, str):
+                data[section][key] = Path(os.path.relpath(value, root)).as_posix()
+        return data
 
 
 # --- loading, with YAML locations -------------------------------------------------------------------------

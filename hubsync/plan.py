@@ -10,6 +10,7 @@ import fnmatch
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -142,14 +143,15 @@ class Plan:
         return tuple(t for t in self.tensors if t.source == "finetune")
 
 
-def output_dtype_for(manifest: Manifest) -> Any:
-    """The output dtype of a tensor given its base dtype: the base's, or output.dtype for float tensors."""
-    named = NAMED_DTYPES.get(manifest.output.dtype)
+def output_dtype(base_dtype: str, requested: str) -> str:
+    """The output dtype of a tensor: the base's, or the manifest's `output.dtype` for floating-point tensors."""
+    named = NAMED_DTYPES.get(requested)
+    return named if named is not None and base_dtype in FLOAT_DTYPES else base_dtype
 
-    def pick(base_dtype: str) -> str:
-        return named if named is not None and base_dtype in FLOAT_DTYPES else base_dtype
 
-    return pick
+def output_dtype_for(manifest: Manifest) -> Callable[[str], str]:
+    """`output_dtype` with the manifest's `output.dtype` filled in."""
+    return lambda base_dtype: output_dtype(base_dtype, manifest.output.dtype)
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> str | None:
@@ -182,7 +184,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _get(data: dict[str, Any], dotted: str) -> Any:
+def dotted_get(data: dict[str, Any], dotted: str) -> Any:
     node: Any = data
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -213,7 +215,7 @@ def _copy_json(data: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(data))
 
 
-def _auto_map_refs(data: dict[str, Any]) -> list[str]:
+def auto_map_refs(data: dict[str, Any]) -> list[str]:
     auto_map = data.get("auto_map")
     if not isinstance(auto_map, dict):
         return []
@@ -244,7 +246,7 @@ def _localise_auto_map(data: dict[str, Any], files: set[str]) -> tuple[dict[str,
             else:
                 fixed.append(item)
         new_map[key] = fixed if isinstance(value, list) else fixed[0]
-    for item in _auto_map_refs({"auto_map": new_map}):
+    for item in auto_map_refs({"auto_map": new_map}):
         module = item.rsplit(".", 1)[0]
         if f"{module.replace('.', '/')}.py" not in files:
             problems.append(f"auto_map entry '{item}' needs {module}.py, which the base does not ship")
@@ -262,6 +264,14 @@ def _kind_of(path: str) -> str:
     return "file"
 
 
+@dataclass
+class _Findings:
+    """What the planning steps report as they go: notes for the reader, problems that stop the build."""
+
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
 def make_plan(
     manifest: Manifest,
     base: BaseInventory,
@@ -274,242 +284,382 @@ def make_plan(
 ) -> Plan:
     """Decide every output file and tensor. `base_json` holds the base's parsed JSON files by path;
     `finetune_same_files` lists the fine-tune files that are byte-identical to the base's."""
-    notes: list[str] = []
-    problems: list[str] = []
-    pick_dtype = output_dtype_for(manifest)
+    found = _Findings()
     # The manifest's `tuned` wins (it may narrow an adapter's); else what the source itself implies.
     tuned = manifest.finetune.tuned if manifest.finetune.tuned is not None else finetune.derived_tuned
-    base_tensors = base.checkpoint.tensors
-    base_files = set(base.files)
+    _note_revision(base, found)
+    found.problems.extend(finetune.problems)
+    found.notes.extend(finetune.notes)
+    _check_names(finetune, found)
+    different = {n for n, d in diffs.items() if d.state in ("changed", "vanished")}
+    unchanged = set(base.checkpoint.tensors) - different
+    suggested = suggest_prefixes(different, unchanged) if different else ()
+    take = _tensors_from_finetune(
+        tuned, base, diffs, different, unchanged, suggested, allow_untuned_changes, found
+    )
+    prefixes = _prefix_summaries(tuned, suggested, base, diffs, manifest, found)
+    tensor_plans = _tensor_plans(base, diffs, take, output_dtype_for(manifest))
+    casts = _note_casts(tensor_plans, diffs, manifest, found)
+    files = _weight_files(base, base_json, tensor_plans)
+    json_out, config_diff = _config_files(manifest, base, finetune, base_json, found)
+    other_files, restored = _other_files(manifest, base, finetune, json_out, finetune_same_files)
+    _note_restored(restored, found)
+    dropped = _dropped_files(manifest, base, finetune, found)
+    return Plan(
+        base_label=base.label,
+        base_repo=base.repo_id,
+        base_sha=base.sha,
+        base_revision=base.revision,
+        finetune_folder=str(finetune.folder),
+        output_dir=str(manifest.output.dir),
+        files=tuple(files + other_files),
+        tensors=tuple(tensor_plans),
+        prefixes=tuple(prefixes),
+        casts=tuple((a, b, n) for (a, b), n in sorted(casts.items())),
+        restored=tuple(restored),
+        dropped=tuple(sorted(dropped)),
+        config_diff=tuple(config_diff),
+        notes=tuple(found.notes),
+        problems=tuple(found.problems),
+        suggested_tuned=suggested,
+    )
 
+
+def _note_revision(base: BaseInventory, found: _Findings) -> None:
     if base.repo_id and base.revision and base.sha and base.revision != base.sha:
-        notes.append(
+        found.notes.append(
             f"base revision '{base.revision}' resolved to commit {base.sha}; the build uses and records the sha"
         )
 
-    problems.extend(finetune.problems)
-    notes.extend(finetune.notes)
-    # --- tensors: where each one comes from -------------------------------------------------------------
+
+def _check_names(finetune: FinetuneInventory, found: _Findings) -> None:
     for u in finetune.unmapped:
-        problems.append(f"fine-tune tensor {u.name} does not map onto the base: {u.reason}")
+        found.problems.append(f"fine-tune tensor {u.name} does not map onto the base: {u.reason}")
     if finetune.renamed:
         wrappers = _renamed_heads(finetune.base_names)
-        notes.append(
+        found.notes.append(
             f"{finetune.renamed} fine-tune tensor name(s) normalised onto the base's names"
             + (f" (stripped or renamed: {', '.join(wrappers)})" if wrappers else "")
         )
-    changed = {n for n, d in diffs.items() if d.state == "changed"}
-    different = {n for n, d in diffs.items() if d.state in ("changed", "vanished")}
-    unchanged = set(base_tensors) - different
-    suggested = suggest_prefixes(different, unchanged) if different else ()
 
-    take_from_finetune: set[str] = set()
+
+def _tensors_from_finetune(
+    tuned: tuple[str, ...] | None,
+    base: BaseInventory,
+    diffs: dict[str, TensorDiff],
+    different: set[str],
+    unchanged: set[str],
+    suggested: tuple[str, ...],
+    allow_untuned_changes: bool,
+    found: _Findings,
+) -> set[str]:
+    """The base tensors whose value comes from the fine-tune; the rules on what may differ, applied."""
     if tuned is None:
-        if different:
-            problems.append(
-                "`finetune.tuned` is not declared; these prefixes changed: "
-                + ", ".join(suggested)
-                + f". Declare them: `tuned: [{', '.join(repr(p) for p in suggested)}]`"
+        found.problems.append(
+            "`finetune.tuned` is not declared; these prefixes changed: "
+            + ", ".join(suggested)
+            + f". Declare them: `tuned: [{', '.join(repr(p) for p in suggested)}]`"
+            if different
+            else "the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast"
+        )
+        return set()
+    for prefix in tuned:
+        if not any(n.startswith(prefix) for n in base.checkpoint.tensors):
+            found.problems.append(
+                f"tuned prefix '{prefix}' matches no tensor of the base: check `finetune.tuned`"
+            )
+    _untuned_changes(tuned, different, unchanged, allow_untuned_changes, found)
+    take: set[str] = set()
+    for name in sorted(n for n, d in diffs.items() if d.state == "changed"):
+        if _under(name, tuned) is None:
+            continue
+        if diffs[name].nonfinite:
+            found.problems.append(
+                f"tuned tensor {name} contains NaN or Inf: the training diverged; use an earlier checkpoint"
             )
         else:
-            problems.append(
-                "the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast"
-            )
-    else:
-        for prefix in tuned:
-            if not any(n.startswith(prefix) for n in base_tensors):
-                problems.append(
-                    f"tuned prefix '{prefix}' matches no tensor of the base: check `finetune.tuned`"
-                )
-        untuned_changes = sorted(n for n in different if _under(n, tuned) is None)
-        if untuned_changes:
-            shown = ", ".join(untuned_changes[:8]) + (
-                f" and {len(untuned_changes) - 8} more" if len(untuned_changes) > 8 else ""
-            )
-            where = suggest_prefixes(set(untuned_changes), unchanged)
-            if allow_untuned_changes:
-                notes.append(
-                    f"{len(untuned_changes)} tensor(s) outside `tuned` differ from the base ({shown}); "
-                    "taken from the base (--allow-untuned-changes)"
-                )
-            else:
-                problems.append(
-                    f"{len(untuned_changes)} tensor(s) outside `finetune.tuned` differ from the base "
-                    f"(under {', '.join(where)}: {shown}): that part was not frozen. Add the prefix to `tuned`, "
-                    "or pass --allow-untuned-changes to take those tensors from the base"
-                )
-        for name in sorted(changed):
-            if _under(name, tuned) is not None:
-                if diffs[name].nonfinite:
-                    problems.append(
-                        f"tuned tensor {name} contains NaN or Inf: the training diverged; use an earlier checkpoint"
-                    )
-                else:
-                    take_from_finetune.add(name)
-    # --- per prefix summary ---------------------------------------------------------------------------
-    prefixes: list[PrefixSummary] = []
-    for prefix in tuned or suggested:
-        names = [n for n in base_tensors if n.startswith(prefix)]
-        ch = [diffs[n] for n in names if n in diffs and diffs[n].state == "changed"]
-        vanished = [n for n in names if n in diffs and diffs[n].state == "vanished"]
-        finite = [d for d in ch if not d.nonfinite]
-        prefixes.append(
-            PrefixSummary(
-                prefix=prefix,
-                tensors=len(names),
-                changed=len(ch),
-                vanished=len(vanished),
-                params_changed=sum(d.numel for d in ch),
-                max_abs=max((d.max_abs for d in finite), default=0.0),
-                # a zero base tensor (a fresh bias) has no relative change: leave it out of the max
-                rel=max((d.rel for d in finite if math.isfinite(d.rel)), default=0.0),
-            )
-        )
-        if tuned is not None and names and not ch:
-            dtype = DTYPE_NAMES.get(pick_dtype(base_tensors[names[0]].dtype), "the output dtype")
-            why = (
-                f"{len(vanished)} tensor(s) changed only below {dtype} resolution"
-                if vanished
-                else "no tensor differs"
-            )
-            problems.append(
-                f"tuned prefix '{prefix}' is identical to the base ({why}): wrong checkpoint, or the change vanished in {dtype}"
-            )
-        absent = [n for n in names if n not in diffs]
-        if tuned is not None and absent and len(absent) < len(names):
-            notes.append(
-                f"{len(absent)} tensor(s) under '{prefix}' are not in the fine-tune; taken from the base"
-            )
+            take.add(name)
+    return take
 
-    tensor_plans: list[TensorPlan] = []
-    weight_map = base.weight_map
-    for name, info in base_tensors.items():
-        from_ft = name in take_from_finetune
-        tensor_plans.append(
-            TensorPlan(
-                name=name,
-                shard=weight_map[name],
-                source="finetune" if from_ft else "base",
-                finetune_name=diffs[name].source if from_ft else None,
-                dtype=pick_dtype(info.dtype),
-                base_dtype=info.dtype,
-                shape=tuple(info.shape),
-            )
+
+def _untuned_changes(
+    tuned: tuple[str, ...], different: set[str], unchanged: set[str], allow: bool, found: _Findings
+) -> None:
+    untuned_changes = sorted(n for n in different if _under(n, tuned) is None)
+    if not untuned_changes:
+        return
+    shown = ", ".join(untuned_changes[:8]) + (
+        f" and {len(untuned_changes) - 8} more" if len(untuned_changes) > 8 else ""
+    )
+    where = suggest_prefixes(set(untuned_changes), unchanged)
+    if allow:
+        found.notes.append(
+            f"{len(untuned_changes)} tensor(s) outside `tuned` differ from the base ({shown}); "
+            "taken from the base (--allow-untuned-changes)"
         )
+    else:
+        found.problems.append(
+            f"{len(untuned_changes)} tensor(s) outside `finetune.tuned` differ from the base "
+            f"(under {', '.join(where)}: {shown}): that part was not frozen. Add the prefix to `tuned`, "
+            "or pass --allow-untuned-changes to take those tensors from the base"
+        )
+
+
+def _prefix_summaries(
+    tuned: tuple[str, ...] | None,
+    suggested: tuple[str, ...],
+    base: BaseInventory,
+    diffs: dict[str, TensorDiff],
+    manifest: Manifest,
+    found: _Findings,
+) -> list[PrefixSummary]:
+    summaries = []
+    for prefix in tuned or suggested:
+        names = [n for n in base.checkpoint.tensors if n.startswith(prefix)]
+        summary = _summarise(prefix, names, diffs)
+        summaries.append(summary)
+        if tuned is not None:
+            _check_prefix_changed(summary, names, base, manifest, found)
+            absent = [n for n in names if n not in diffs]
+            if absent and len(absent) < len(names):
+                found.notes.append(
+                    f"{len(absent)} tensor(s) under '{prefix}' are not in the fine-tune; taken from the base"
+                )
+    return summaries
+
+
+def _summarise(prefix: str, names: list[str], diffs: dict[str, TensorDiff]) -> PrefixSummary:
+    changed = [diffs[n] for n in names if n in diffs and diffs[n].state == "changed"]
+    finite = [d for d in changed if not d.nonfinite]
+    return PrefixSummary(
+        prefix=prefix,
+        tensors=len(names),
+        changed=len(changed),
+        vanished=sum(1 for n in names if n in diffs and diffs[n].state == "vanished"),
+        params_changed=sum(d.numel for d in changed),
+        max_abs=max((d.max_abs for d in finite), default=0.0),
+        # a zero base tensor (a fresh bias) has no relative change: leave it out of the max
+        rel=max((d.rel for d in finite if math.isfinite(d.rel)), default=0.0),
+    )
+
+
+def _check_prefix_changed(
+    summary: PrefixSummary, names: list[str], base: BaseInventory, manifest: Manifest, found: _Findings
+) -> None:
+    if not names or summary.changed:
+        return
+    pick_dtype = output_dtype_for(manifest)
+    dtype = DTYPE_NAMES.get(pick_dtype(base.checkpoint.tensors[names[0]].dtype), "the output dtype")
+    why = (
+        f"{summary.vanished} tensor(s) changed only below {dtype} resolution"
+        if summary.vanished
+        else "no tensor differs"
+    )
+    found.problems.append(
+        f"tuned prefix '{summary.prefix}' is identical to the base ({why}): wrong checkpoint, "
+        f"or the change vanished in {dtype}"
+    )
+
+
+def _tensor_plans(
+    base: BaseInventory, diffs: dict[str, TensorDiff], take: set[str], pick_dtype: Callable[[str], str]
+) -> list[TensorPlan]:
+    weight_map = base.weight_map
+    return [
+        TensorPlan(
+            name=name,
+            shard=weight_map[name],
+            source="finetune" if name in take else "base",
+            finetune_name=diffs[name].source if name in take else None,
+            dtype=pick_dtype(info.dtype),
+            base_dtype=info.dtype,
+            shape=tuple(info.shape),
+        )
+        for name, info in base.checkpoint.tensors.items()
+    ]
+
+
+def _note_casts(
+    tensor_plans: list[TensorPlan], diffs: dict[str, TensorDiff], manifest: Manifest, found: _Findings
+) -> Counter[tuple[str, str]]:
     casts = Counter(
         (diffs[t.name].finetune_dtype, t.dtype)
         for t in tensor_plans
         if t.source == "finetune" and diffs[t.name].finetune_dtype != t.dtype
     )
+    why = "(the base's dtype)" if manifest.output.dtype == "base" else "(output.dtype)"
     for (src, dst), count in sorted(casts.items()):
-        notes.append(
-            f"{count} tuned tensor(s) saved as {src}, cast to {dst} (the base's dtype)"
-            if manifest.output.dtype == "base"
-            else f"{count} tuned tensor(s) saved as {src}, cast to {dst} (output.dtype)"
-        )
+        found.notes.append(f"{count} tuned tensor(s) saved as {src}, cast to {dst} {why}")
     whole_cast = Counter((t.base_dtype, t.dtype) for t in tensor_plans if t.base_dtype != t.dtype)
     for (src, dst), count in sorted(whole_cast.items()):
-        notes.append(f"{count} tensor(s) cast from {src} to {dst} (output.dtype: {manifest.output.dtype})")
+        found.notes.append(
+            f"{count} tensor(s) cast from {src} to {dst} (output.dtype: {manifest.output.dtype})"
+        )
+    return casts
 
-    # --- files --------------------------------------------------------------------------------------------
+
+def _weight_files(
+    base: BaseInventory, base_json: dict[str, dict[str, Any]], tensor_plans: list[TensorPlan]
+) -> list[FilePlan]:
     files: list[FilePlan] = []
-    shards_rewritten = {t.shard for t in tensor_plans if t.source == "finetune" or t.dtype != t.base_dtype}
+    rewritten = {t.shard for t in tensor_plans if t.source == "finetune" or t.dtype != t.base_dtype}
     for shard in base.shard_names:
-        if shard in shards_rewritten:
+        if shard in rewritten:
             n = sum(1 for t in tensor_plans if t.shard == shard and t.source == "finetune")
             files.append(FilePlan(shard, "base", "rewrite-shard", f"{n} tuned tensor(s) from the fine-tune"))
         else:
             files.append(FilePlan(shard, "base", "copy", "no tuned tensor: byte-identical to the base"))
     index_path = base.index_name
-    if index_path is not None:
-        if whole_cast:
-            index = _copy_json(base_json.get(index_path, {}))
-            total = sum(_nbytes(t) for t in tensor_plans)
-            index.setdefault("metadata", {})["total_size"] = total
-            files.append(
-                FilePlan(index_path, "generated", "write-index", "total_size for the new dtype", index)
-            )
-        else:
-            files.append(FilePlan(index_path, "base", "copy", "the base's index"))
+    if index_path is None:
+        return files
+    if any(t.base_dtype != t.dtype for t in tensor_plans):
+        index = _copy_json(base_json.get(index_path, {}))
+        index.setdefault("metadata", {})["total_size"] = sum(_nbytes(t) for t in tensor_plans)
+        files.append(FilePlan(index_path, "generated", "write-index", "total_size for the new dtype", index))
+    else:
+        files.append(FilePlan(index_path, "base", "copy", "the base's index"))
+    return files
 
+
+def _config_files(
+    manifest: Manifest,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    base_json: dict[str, dict[str, Any]],
+    found: _Findings,
+) -> tuple[dict[str, dict[str, Any]], list[ConfigDifference]]:
+    """The JSON files the output gets instead of the base's copies, and the config keys that differ."""
     keep_files = set(manifest.finetune.keep_files)
-    for path in keep_files:
+    for path in sorted(keep_files):
         if path not in finetune.files:
-            problems.append(f"finetune.keep_files names {path}, which the fine-tune folder does not have")
-    json_out: dict[str, dict[str, Any]] = {}
-
-    # config.json: the base's, plus the keys the manifest keeps from the fine-tune
-    config_diff: list[ConfigDifference] = []
-    keep_config = set(manifest.finetune.keep_config)
-    if finetune.config and base.config:
-        base_flat, ft_flat = _flatten(base.config), _flatten(finetune.config)
-        for key in sorted(set(base_flat) | set(ft_flat)):
-            if key in VOLATILE_CONFIG_KEYS or key.startswith("auto_map"):
-                continue
-            b, f = base_flat.get(key), ft_flat.get(key)
-            if b == f:
-                continue
-            if key in DTYPE_KEYS or key.endswith(tuple("." + k for k in DTYPE_KEYS)):
-                decision = "base value kept (the training run's dtype)"
-            elif any(key == k or key.startswith(k + ".") for k in keep_config):
-                decision = "fine-tune value kept (finetune.keep_config)"
-            else:
-                decision = "base value kept (add to finetune.keep_config to keep the fine-tune's)"
-            config_diff.append(ConfigDifference(key, b, f, decision))
-        if any("--" in ref for ref in _auto_map_refs(finetune.config)):
-            notes.append(
-                "the fine-tune's config.json auto_map points at another repo's code ('repo--' prefix, whatever is on "
-                "that repo today): the output uses the pinned base's own code files"
+            found.problems.append(
+                f"finetune.keep_files names {path}, which the fine-tune folder does not have"
             )
-    for key in sorted(keep_config):
-        value = _get(finetune.config, key)
+    config_diff = _config_differences(manifest, base, finetune, found)
+    json_out = _kept_config_keys(manifest, base, finetune, base_json, found)
+    _localise_auto_maps(base, base_json, json_out, found)
+    if "config.json" in keep_files and finetune.config:
+        # A kept fine-tune config still must not point at another repo's code.
+        localised, _ = _localise_auto_map(finetune.config, set(base.files))
+        if localised is not None:
+            json_out["config.json"] = localised
+            found.notes.append("config.json (kept from the fine-tune): auto_map 'repo--' prefixes removed")
+    _check_config_pairs(manifest, base, finetune, base_json, json_out, found)
+    return json_out, config_diff
+
+
+def _config_differences(
+    manifest: Manifest, base: BaseInventory, finetune: FinetuneInventory, found: _Findings
+) -> list[ConfigDifference]:
+    """config.json keys that differ between the base and the fine-tune, and what the build does with each."""
+    if not (finetune.config and base.config):
+        return []
+    keep_config = set(manifest.finetune.keep_config)
+    base_flat, ft_flat = _flatten(base.config), _flatten(finetune.config)
+    differences = []
+    for key in sorted(set(base_flat) | set(ft_flat)):
+        if key in VOLATILE_CONFIG_KEYS or key.startswith("auto_map"):
+            continue
+        b, f = base_flat.get(key), ft_flat.get(key)
+        if b == f:
+            continue
+        if key in DTYPE_KEYS or key.endswith(tuple("." + k for k in DTYPE_KEYS)):
+            decision = "base value kept (the training run's dtype)"
+        elif any(key == k or key.startswith(k + ".") for k in keep_config):
+            decision = "fine-tune value kept (finetune.keep_config)"
+        else:
+            decision = "base value kept (add to finetune.keep_config to keep the fine-tune's)"
+        differences.append(ConfigDifference(key, b, f, decision))
+    if any("--" in ref for ref in auto_map_refs(finetune.config)):
+        found.notes.append(
+            "the fine-tune's config.json auto_map points at another repo's code ('repo--' prefix, whatever is on "
+            "that repo today): the output uses the pinned base's own code files"
+        )
+    return differences
+
+
+def _kept_config_keys(
+    manifest: Manifest,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    base_json: dict[str, dict[str, Any]],
+    found: _Findings,
+) -> dict[str, dict[str, Any]]:
+    """config.json: the base's, plus the keys the manifest keeps from the fine-tune (and their pairs)."""
+    json_out: dict[str, dict[str, Any]] = {}
+    for key in sorted(manifest.finetune.keep_config):
+        value = dotted_get(finetune.config, key)
         if value is None:
-            problems.append(
+            found.problems.append(
                 f"finetune.keep_config names '{key}', which the fine-tune's config.json does not have"
             )
             continue
-        config = json_out.setdefault("config.json", _copy_json(base.config))
-        _set(config, key, value)
+        _set(json_out.setdefault("config.json", _copy_json(base.config)), key, value)
         for cfg_key, proc_file, proc_key in CONFIG_PAIRS.get(str(base.config.get("model_type")), ()):
-            if cfg_key == key and proc_file in base_json and _get(base_json[proc_file], proc_key) is not None:
-                proc = json_out.setdefault(proc_file, _copy_json(base_json[proc_file]))
-                _set(proc, proc_key, value)
-                notes.append(f"{proc_file} {proc_key} set to {value!r} to agree with config.json {key}")
+            if (
+                cfg_key == key
+                and proc_file in base_json
+                and dotted_get(base_json[proc_file], proc_key) is not None
+            ):
+                _set(json_out.setdefault(proc_file, _copy_json(base_json[proc_file])), proc_key, value)
+                found.notes.append(f"{proc_file} {proc_key} set to {value!r} to agree with config.json {key}")
+    return json_out
 
-    # every JSON with an auto_map must point at code that ships in the output
+
+def _localise_auto_maps(
+    base: BaseInventory,
+    base_json: dict[str, dict[str, Any]],
+    json_out: dict[str, dict[str, Any]],
+    found: _Findings,
+) -> None:
+    """Every JSON with an auto_map must point at code that ships in the output."""
     for path in sorted(base_json):
-        current = json_out.get(path, base_json[path])
-        localised, auto_problems = _localise_auto_map(current, base_files)
-        problems.extend(f"{path}: {p}" for p in auto_problems)
+        localised, auto_problems = _localise_auto_map(json_out.get(path, base_json[path]), set(base.files))
+        found.problems.extend(f"{path}: {p}" for p in auto_problems)
         if localised is not None:
             json_out[path] = localised
-            notes.append(f"{path}: auto_map 'repo--' prefixes removed; it now points at the local code files")
+            found.notes.append(
+                f"{path}: auto_map 'repo--' prefixes removed; it now points at the local code files"
+            )
 
-    if "config.json" in keep_files and finetune.config:
-        # A kept fine-tune config still must not point at another repo's code.
-        localised, _ = _localise_auto_map(finetune.config, base_files)
-        if localised is not None:
-            json_out["config.json"] = localised
-            notes.append("config.json (kept from the fine-tune): auto_map 'repo--' prefixes removed")
 
-    # known pairs must agree in the output
-    out_config = json_out.get("config.json", finetune.config if "config.json" in keep_files else base.config)
+def _check_config_pairs(
+    manifest: Manifest,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    base_json: dict[str, dict[str, Any]],
+    json_out: dict[str, dict[str, Any]],
+    found: _Findings,
+) -> None:
+    """Known pairs must agree in the output."""
+    kept = "config.json" in manifest.finetune.keep_files
+    out_config = json_out.get("config.json", finetune.config if kept else base.config)
     for cfg_key, proc_file, proc_key in CONFIG_PAIRS.get(str(base.config.get("model_type")), ()):
         proc = json_out.get(proc_file, base_json.get(proc_file))
         if proc is None:
             continue
-        a, b = _get(out_config, cfg_key), _get(proc, proc_key)
+        a, b = dotted_get(out_config, cfg_key), dotted_get(proc, proc_key)
         if a is not None and b is not None and a != b:
-            problems.append(
+            found.problems.append(
                 f"config.json {cfg_key}={a!r} but {proc_file} {proc_key}={b!r}: they must agree; "
                 f"keep both from the same source (finetune.keep_config / finetune.keep_files)"
             )
 
-    weights = set(base.shard_names) | ({index_path} if index_path else set())
+
+def _other_files(
+    manifest: Manifest,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    json_out: dict[str, dict[str, Any]],
+    finetune_same_files: frozenset[str],
+) -> tuple[list[FilePlan], list[tuple[str, str]]]:
+    """Every non-weight file: the base's, a kept fine-tune file, or an adjusted JSON; plus card and record."""
+    keep_files = set(manifest.finetune.keep_files)
+    base_files = set(base.files)
+    weights = set(base.shard_names) | ({base.index_name} if base.index_name else set())
+    files: list[FilePlan] = []
     restored: list[tuple[str, str]] = []
-    for path in sorted(base_files):
-        if path in weights or path in GENERATED:
-            continue
+    for path in sorted(base_files - weights - set(GENERATED)):
         if path in keep_files and path in json_out and path == "config.json":
             files.append(
                 FilePlan(
@@ -525,68 +675,57 @@ def make_plan(
                 )
             )
         else:
-            reason = "from the pinned base"
             if path not in finetune.files:
                 restored.append((path, _kind_of(path)))
-                reason = "missing from the fine-tune: restored from the pinned base"
-            elif path not in finetune_same_files and path != ".gitattributes":
-                reason = (
-                    "the fine-tune's copy differs: the pinned base's is used (finetune.keep_files keeps it)"
-                )
-            files.append(FilePlan(path, "base", "copy", reason))
+            files.append(
+                FilePlan(path, "base", "copy", _base_copy_reason(path, finetune, finetune_same_files))
+            )
     for path in sorted(keep_files - base_files):
         if path in finetune.files:
             files.append(FilePlan(path, "finetune", "copy", "finetune.keep_files (not in the base)"))
     files.append(FilePlan("README.md", "generated", "card", "model card rendered by hubsync"))
     files.append(FilePlan("hubsync.json", "generated", "provenance", "how this folder was built"))
+    return files, restored
 
+
+def _base_copy_reason(path: str, finetune: FinetuneInventory, same: frozenset[str]) -> str:
+    if path not in finetune.files:
+        return "missing from the fine-tune: restored from the pinned base"
+    if path not in same and path != ".gitattributes":
+        return "the fine-tune's copy differs: the pinned base's is used (finetune.keep_files keeps it)"
+    return "from the pinned base"
+
+
+def _note_restored(restored: list[tuple[str, str]], found: _Findings) -> None:
     by_kind = Counter(kind for _, kind in restored)
-    for kind, count in sorted(by_kind.items()):
-        restored_names = ", ".join(p for p, k in restored if k == kind)
+    for kind, _count in sorted(by_kind.items()):
         if kind != "file":
-            notes.append(
-                f"{kind} file(s) missing from the fine-tune, restored from the base: {restored_names}"
-            )
+            names = ", ".join(p for p, k in restored if k == kind)
+            found.notes.append(f"{kind} file(s) missing from the fine-tune, restored from the base: {names}")
 
-    dropped = []
+
+def _dropped_files(
+    manifest: Manifest, base: BaseInventory, finetune: FinetuneInventory, found: _Findings
+) -> list[str]:
+    """Fine-tune files that never reach the output: leftovers, stray shards, files the base does not have."""
+    keep_files = set(manifest.finetune.keep_files)
     stray = {p.relative_to(finetune.folder).as_posix() for p in finetune.checkpoint.stray_files}
+    dropped = []
     for path in finetune.files:
         if path in keep_files:
             continue
         if path in stray:
             dropped.append(path)
-            notes.append(f"{path} is not listed in the fine-tune's index: ignored (stray shard)")
-        elif is_leftover(path):
-            dropped.append(path)
-        elif is_weight_file(path) or path in base_files:
-            continue
-        else:
+            found.notes.append(f"{path} is not listed in the fine-tune's index: ignored (stray shard)")
+        elif is_leftover(path) or not (is_weight_file(path) or path in set(base.files)):
             dropped.append(path)
     leftovers = [p for p in dropped if is_leftover(p)]
     if leftovers:
-        notes.append(
+        found.notes.append(
             f"trainer leftovers left out: {', '.join(sorted(leftovers)[:6])}"
             + (" ..." if len(leftovers) > 6 else "")
         )
-
-    return Plan(
-        base_label=base.label,
-        base_repo=base.repo_id,
-        base_sha=base.sha,
-        base_revision=base.revision,
-        finetune_folder=str(finetune.folder),
-        output_dir=str(manifest.output.dir),
-        files=tuple(files),
-        tensors=tuple(tensor_plans),
-        prefixes=tuple(prefixes),
-        casts=tuple((a, b, n) for (a, b), n in sorted(casts.items())),
-        restored=tuple(restored),
-        dropped=tuple(sorted(dropped)),
-        config_diff=tuple(config_diff),
-        notes=tuple(notes),
-        problems=tuple(problems),
-        suggested_tuned=suggested,
-    )
+    return dropped
 
 
 DTYPE_SIZES = {

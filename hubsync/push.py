@@ -11,19 +11,17 @@ is deleted again, so a failed first push leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hubsync.errors import PushError
-from hubsync.verify import PROVENANCE, verification_gate
+from hubsync.record import BuildRecord, hash_files, last_build, load, verification_gate
 
 log = logging.getLogger("hubsync")
-LAST_BUILD = Path(".hubsync") / "last-build.json"
 RETRIES = 5
 R = TypeVar("R")
 
@@ -54,13 +52,12 @@ class PushResult:
 def find_build(target: Path | None) -> Path:
     """The build folder: the manifest's output.dir, a build folder, or the last build made from this directory."""
     if target is None:
-        try:
-            data = json.loads(LAST_BUILD.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        last = last_build()
+        if last is None:
             raise PushError(
-                "no build recorded in this directory: run `hubsync build MANIFEST` first, or pass the manifest."
-            ) from None
-        return Path(data["output"])
+                "no build recorded in this directory: run `hubsync build MANIFEST` first, or pass the manifest"
+            )
+        return last.output
     if target.is_dir():
         return target
     from hubsync.manifest import load_manifest
@@ -188,19 +185,6 @@ def _remote_files(api: Any, repo_id: str, revision: str) -> dict[str, dict[str, 
     return files
 
 
-def _base_shards(record: dict[str, Any]) -> dict[str, str]:
-    """Output path -> sha256 for shards copied unchanged from a Hub base (candidates for a server-side copy)."""
-    base = record.get("base", {})
-    if not base.get("repo"):
-        return {}
-    tuned_shards = {t.get("shard") for t in record.get("tuned_tensors", {}).values()}
-    return {
-        path: info["sha256"]
-        for path, info in record.get("files", {}).items()
-        if path.endswith(".safetensors") and info.get("source") == "base" and path not in tuned_shards
-    }
-
-
 @dataclass(frozen=True)
 class PushPlan:
     """What a push will do, decided from local and remote file lists alone."""
@@ -236,205 +220,264 @@ def plan_push(
 def push(target: Path | None, *, skip_verify_check: bool = False, quiet: bool = False) -> PushResult:
     """Publish the build as one commit; see the module docstring for the guarantees."""
     folder = find_build(target)
-    if not (folder / PROVENANCE).is_file():
-        raise PushError(f"{folder} holds no hubsync build: run `hubsync build` first.")
-    if skip_verify_check:
-        record = json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
-        log.warning("--skip-verify-check: pushing without checking the verification; the card says so")
-    else:
-        record = verification_gate(folder)
-    spec = record.get("manifest", {}).get("push")
-    if not spec or not spec.get("repo"):
-        raise PushError(
-            "the manifest has no `push:` section: add `push: {repo: owner/name}` and build again."
-        )
+    record, current = _checked_build(folder, skip_verify_check=skip_verify_check)
+    spec = record.push_settings
+    if spec is None:
+        raise PushError("the manifest has no `push:` section: add `push: {repo: owner/name}` and build again")
     if quiet:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    return _publish(folder, record, spec, skip_verify_check=skip_verify_check)
+    local = _local_files(folder, current)
+    if skip_verify_check:
+        local["README.md"] = _skip_card(record, local.get("README.md"))
+    return _publish(folder, record, local, _Target.from_spec(spec))
 
 
-def _local_files(folder: Path, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from hubsync.resolve import list_files
+def _checked_build(folder: Path, *, skip_verify_check: bool) -> tuple[BuildRecord, dict[str, str]]:
+    """The record and every file's sha256, hashed now: through the verification gate, or, skipping it,
+    straight from the files (a record is never trusted for what the files hold)."""
+    if not skip_verify_check:
+        return verification_gate(folder)
+    record = load(folder)
+    log.warning("--skip-verify-check: pushing without checking the verification; the card says so")
+    return record, hash_files(folder)
+
+
+def _local_files(folder: Path, current: dict[str, str]) -> dict[str, dict[str, Any]]:
+    from hubsync.fsio import list_files
     from hubsync.tensors import sha256_file
 
-    recorded = (record.get("verification") or {}).get("files_sha256") or {}
     local = {}
     for rel in list_files(folder):
         path = folder / rel
-        sha = recorded.get(rel) if rel != PROVENANCE else None
         size = path.stat().st_size
         local[rel] = {
-            "sha256": sha or sha256_file(path),
+            "sha256": current.get(rel) or sha256_file(path),  # the record itself is not in `current`
             "size": size,
             "blob": git_blob_sha1(path) if size < 10_000_000 else None,
         }
     return local
 
 
-def _publish(
-    folder: Path, record: dict[str, Any], spec: dict[str, Any], *, skip_verify_check: bool
-) -> PushResult:
-    from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+@dataclass(frozen=True)
+class _Target:
+    repo_id: str
+    revision: str
+    create_pr: bool
+    private: bool
+    tag: str | None
 
-    api = _api()
-    repo_id, revision = spec["repo"], spec.get("revision") or "main"
-    create_pr = bool(spec.get("create_pr"))
-    _check_token(api, repo_id)
-    result = PushResult(repo_id=repo_id, revision=revision)
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> _Target:
+        return cls(
+            repo_id=str(spec["repo"]),
+            revision=str(spec.get("revision") or "main"),
+            create_pr=bool(spec.get("create_pr")),
+            private=bool(spec.get("private", True)),
+            tag=spec.get("tag"),
+        )
 
-    exists = True
+
+@dataclass
+class _RemoteState:
+    exists: bool
+    parent: str | None  # the branch head, None when the repo or the branch does not exist yet
+    files: dict[str, dict[str, Any]]
+
+
+def _remote_state(api: Any, target: _Target) -> _RemoteState:
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
     try:
-        with_retries("repo info", lambda: api.repo_info(repo_id))
+        with_retries("repo info", lambda: api.repo_info(target.repo_id))
     except RepositoryNotFoundError:
-        exists = False
-    local = _local_files(folder, record)
-    if skip_verify_check:
-        local["README.md"] = _skip_card(folder, record, local.get("README.md"))
-    result.bytes_in_build = sum(i["size"] for i in local.values())
-
-    created_branch = False
-    if exists:
-        try:
-            parent = with_retries("branch head", lambda: api.repo_info(repo_id, revision=revision).sha)
-        except RevisionNotFoundError:
-            parent = None
-        remote = _remote_files(api, repo_id, parent) if parent else {}
-    else:
-        parent, remote = None, {}
-
-    base = record.get("base", {})
-    base_shards = _base_shards(record)
-    base_remote: dict[str, dict[str, Any]] = {}
-    if base_shards:
-        try:
-            base_remote = _remote_files(api, base["repo"], base["sha"])
-        except HfHubHTTPError as err:
-            log.warning(
-                "cannot list the base repo for server-side copies (%s): uploading instead", _describe(err)
-            )
-    plan = plan_push(local, remote, base_shards, base_remote)
-    result.unchanged = list(plan.unchanged)
-    if not plan.add and not plan.copy and not plan.delete and exists and parent:
-        result.up_to_date = True
-        result.commit_sha = parent
-        result.repo_url = f"{api.endpoint}/{repo_id}"
-        _maybe_tag(api, repo_id, spec.get("tag"), parent, result)
-        return result
-
-    def build_operations() -> list[Any]:
-        ops: list[Any] = []
-        for path in plan.add:
-            data = local[path].get("content")
-            ops.append(
-                CommitOperationAdd(
-                    path_in_repo=path, path_or_fileobj=data if data is not None else str(folder / path)
-                )
-            )
-        for path in plan.copy:
-            ops.append(
-                CommitOperationCopy(
-                    src_path_in_repo=path,
-                    path_in_repo=path,
-                    src_revision=base["sha"],
-                    src_repo_id=base["repo"],
-                    src_repo_type="model",
-                )
-            )
-        ops += [CommitOperationDelete(path_in_repo=p) for p in plan.delete]
-        return ops
-
-    if not exists:
-        with_retries(
-            "create repo",
-            lambda: api.create_repo(repo_id, private=bool(spec.get("private", True)), exist_ok=True),
-        )
-        result.created_repo = True
+        return _RemoteState(False, None, {})
     try:
-        if exists and parent is None and not create_pr:
-            main_head = api.repo_info(repo_id).sha
-            with_retries(
-                "create branch", lambda: api.create_branch(repo_id, branch=revision, revision=main_head)
-            )
-            created_branch, parent = True, main_head
-        operations = build_operations()
-        additions = [op for op in operations if isinstance(op, CommitOperationAdd)]
-        if additions:
-            with_retries(
-                "upload",
-                lambda: api.preupload_lfs_files(
-                    repo_id,
-                    additions=additions,
-                    revision=revision if not create_pr else None,
-                    create_pr=create_pr,
-                ),
-            )
-        message = _commit_message(record)
-        info = with_retries(
-            "commit",
-            lambda: api.create_commit(
-                repo_id,
-                operations=operations,
-                commit_message=message,
-                commit_description=_commit_description(record),
-                revision=revision,
-                create_pr=create_pr,
-                parent_commit=parent if (parent and not result.created_repo) else None,
-            ),
+        parent = with_retries(
+            "branch head", lambda: api.repo_info(target.repo_id, revision=target.revision).sha
         )
+    except RevisionNotFoundError:
+        return _RemoteState(True, None, {})
+    return _RemoteState(True, parent, _remote_files(api, target.repo_id, parent))
+
+
+def _base_remote(api: Any, record: BuildRecord) -> dict[str, dict[str, Any]]:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not record.base_shards() or not record.base.repo or not record.base.sha:
+        return {}
+    try:
+        return _remote_files(api, record.base.repo, record.base.sha)
     except HfHubHTTPError as err:
-        _rollback(api, repo_id, result.created_repo, revision if created_branch else None)
-        status = _status_of(err)
-        if status == 412 or "parent" in str(err).lower() and status in (409, 412):
-            raise PushError(
-                f"{repo_id}@{revision} moved while pushing (someone else committed): run `hubsync status` and push again."
-            ) from None
-        if status == 403:
-            raise PushError(
-                f"the token cannot write to {repo_id} (403): use a write token for that namespace."
-            ) from None
-        raise PushError(
-            f"the push to {repo_id} failed ({_describe(err)}) after {RETRIES} retries; the repo is unchanged. "
-            "Run `hubsync push` again later."
-        ) from None
-    except BaseException as err:
-        _rollback(api, repo_id, result.created_repo, revision if created_branch else None)
-        if isinstance(err, Exception) and _is_transient(err):
-            raise PushError(
-                f"the push to {repo_id} failed ({_describe(err)}) after {RETRIES} retries; the repo is unchanged. "
-                "Run `hubsync push` again later."
-            ) from None
-        raise
+        log.warning(
+            "cannot list the base repo for server-side copies (%s): uploading instead", _describe(err)
+        )
+        return {}
+
+
+def _publish(
+    folder: Path, record: BuildRecord, local: dict[str, dict[str, Any]], target: _Target
+) -> PushResult:
+    api = _api()
+    _check_token(api, target.repo_id)
+    result = PushResult(repo_id=target.repo_id, revision=target.revision)
+    result.bytes_in_build = sum(i["size"] for i in local.values())
+    state = _remote_state(api, target)
+    plan = plan_push(local, state.files, record.base_shards(), _base_remote(api, record))
+    result.unchanged = list(plan.unchanged)
+    result.repo_url = f"{api.endpoint}/{target.repo_id}"
+    if not plan.add and not plan.copy and not plan.delete and state.exists and state.parent:
+        result.up_to_date = True
+        result.commit_sha = state.parent
+        _maybe_tag(api, target.repo_id, target.tag, state.parent, result)
+        return result
+    info = _commit_guarded(api, folder, record, local, plan, target, state, result)
     result.commit_url = info.commit_url
     result.commit_sha = info.oid
     result.pr_url = info.pr_url
-    result.repo_url = f"{api.endpoint}/{repo_id}"
-    result.uploaded = list(plan.add)
-    result.copied = list(plan.copy)
-    result.deleted = list(plan.delete)
+    result.uploaded, result.copied, result.deleted = list(plan.add), list(plan.copy), list(plan.delete)
     result.bytes_uploaded = sum(local[p]["size"] for p in plan.add)
     result.bytes_copied = sum(local[p]["size"] for p in plan.copy)
-    if not create_pr:
-        _maybe_tag(api, repo_id, spec.get("tag"), info.oid, result)
+    if not target.create_pr:
+        _maybe_tag(api, target.repo_id, target.tag, info.oid, result)
     return result
 
 
-def _skip_card(folder: Path, record: dict[str, Any], current: dict[str, Any] | None) -> dict[str, Any]:
+def _operations(
+    folder: Path, record: BuildRecord, local: dict[str, dict[str, Any]], plan: PushPlan
+) -> list[Any]:
+    from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete
+
+    ops: list[Any] = []
+    for path in plan.add:
+        data = local[path].get("content")
+        ops.append(
+            CommitOperationAdd(
+                path_in_repo=path, path_or_fileobj=data if data is not None else str(folder / path)
+            )
+        )
+    for path in plan.copy:
+        ops.append(
+            CommitOperationCopy(
+                src_path_in_repo=path,
+                path_in_repo=path,
+                src_revision=record.base.sha,
+                src_repo_id=record.base.repo,
+                src_repo_type="model",
+            )
+        )
+    ops += [CommitOperationDelete(path_in_repo=p) for p in plan.delete]
+    return ops
+
+
+def _commit_guarded(
+    api: Any,
+    folder: Path,
+    record: BuildRecord,
+    local: dict[str, dict[str, Any]],
+    plan: PushPlan,
+    target: _Target,
+    state: _RemoteState,
+    result: PushResult,
+) -> Any:
+    """Create what is missing, upload, commit; on failure undo what this push created and say why in one line."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    created_branch = False
+    try:
+        parent = state.parent
+        if not state.exists:
+            with_retries(
+                "create repo",
+                lambda: api.create_repo(target.repo_id, private=target.private, exist_ok=True),
+            )
+            result.created_repo = True
+        elif parent is None and not target.create_pr:
+            parent = _create_branch(api, target)
+            created_branch = True
+        return _upload_and_commit(
+            api, _operations(folder, record, local, plan), record, target, parent, result
+        )
+    except HfHubHTTPError as err:
+        _rollback(api, target.repo_id, result.created_repo, target.revision if created_branch else None)
+        raise _push_failure(err, target) from None
+    except BaseException as err:
+        _rollback(api, target.repo_id, result.created_repo, target.revision if created_branch else None)
+        if isinstance(err, Exception) and _is_transient(err):
+            raise _push_failure(err, target) from None
+        raise
+
+
+def _create_branch(api: Any, target: _Target) -> str:
+    main_head: str = api.repo_info(target.repo_id).sha
+    with_retries(
+        "create branch", lambda: api.create_branch(target.repo_id, branch=target.revision, revision=main_head)
+    )
+    return main_head
+
+
+def _upload_and_commit(
+    api: Any,
+    operations: list[Any],
+    record: BuildRecord,
+    target: _Target,
+    parent: str | None,
+    result: PushResult,
+) -> Any:
+    from huggingface_hub import CommitOperationAdd
+
+    additions = [op for op in operations if isinstance(op, CommitOperationAdd)]
+    if additions:
+        with_retries(
+            "upload",
+            lambda: api.preupload_lfs_files(
+                target.repo_id,
+                additions=additions,
+                revision=target.revision if not target.create_pr else None,
+                create_pr=target.create_pr,
+            ),
+        )
+    return with_retries(
+        "commit",
+        lambda: api.create_commit(
+            target.repo_id,
+            operations=operations,
+            commit_message=_commit_message(record),
+            commit_description=_commit_description(record),
+            revision=target.revision,
+            create_pr=target.create_pr,
+            parent_commit=parent if (parent and not result.created_repo) else None,
+        ),
+    )
+
+
+def _push_failure(err: BaseException, target: _Target) -> PushError:
+    status = _status_of(err)
+    if status == 412 or "parent" in str(err).lower() and status in (409, 412):
+        return PushError(
+            f"{target.repo_id}@{target.revision} moved while pushing (someone else committed): "
+            "run `hubsync status` and push again"
+        )
+    if status == 403:
+        return PushError(
+            f"the token cannot write to {target.repo_id} (403): use a write token for that namespace"
+        )
+    return PushError(
+        f"the push to {target.repo_id} failed ({_describe(err)}) after {RETRIES} retries; the repo is unchanged: "
+        "run `hubsync push` again later"
+    )
+
+
+def _skip_card(record: BuildRecord, current: dict[str, Any] | None) -> dict[str, Any]:
     """The card with the --skip-verify-check warning, uploaded instead of the local README.md."""
-    from dataclasses import replace
-
-    from hubsync.verify import _card_inputs_from_record
-
-    inputs = _card_inputs_from_record(None, record)  # type: ignore[arg-type]
-    if inputs is None:
+    if not record.card_inputs:
         return current or {}
-    from hubsync.card import render_card
+    from hubsync.card import CardInputs, render_card
 
-    text = render_card(
-        replace(inputs, verification=record.get("verification"), skip_verify_check=True)
-    ).encode()
+    verification = None if record.verification is None else record.verification.to_json()
+    inputs = CardInputs.from_record(record.card_inputs, verification=verification, skip_verify_check=True)
+    text = render_card(inputs).encode()
     return {
         "sha256": hashlib.sha256(text).hexdigest(),
         "size": len(text),
@@ -480,20 +523,18 @@ def _maybe_tag(api: Any, repo_id: str, tag: str | None, commit: str, result: Pus
     result.tag = tag
 
 
-def _commit_message(record: dict[str, Any]) -> str:
-    base = record.get("base", {})
-    where = f"{base.get('repo')}@{(base.get('sha') or '')[:12]}" if base.get("repo") else "a local base"
-    manifest = Path(record.get("manifest_path", "manifest.yaml")).name
-    return f"hubsync: build from {where} ({manifest})"
+def _commit_message(record: BuildRecord) -> str:
+    return f"hubsync: build from {record.base.label} ({record.manifest_file})"
 
 
-def _commit_description(record: dict[str, Any]) -> str:
-    base = record.get("base", {})
-    tuned = ", ".join(p.get("prefix", "") for p in record.get("prefixes", []))
+def _commit_description(record: BuildRecord) -> str:
+    base = record.base
+    tuned = ", ".join(str(p.get("prefix", "")) for p in record.prefixes)
     lines = [
-        f"Base: {base.get('repo')} at {base.get('sha')}" if base.get("repo") else "Base: a local folder",
+        f"Base: {base.repo} at {base.sha}" if base.repo else "Base: a local folder",
         f"Tuned: {tuned or 'nothing'}",
-        f"Manifest: {Path(record.get('manifest_path', '')).name}",
+        f"Manifest: {record.manifest_file}",
+        f"Build: {record.content_id}",
     ]
     return "\n".join(lines)
 
@@ -503,70 +544,70 @@ def _commit_description(record: dict[str, Any]) -> str:
 
 def status(target: Path | None) -> dict[str, Any]:
     """Has the base's branch or tag moved? Does the local build differ from the remote? Last pushed commit."""
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     folder = find_build(target)
-    record = (
-        json.loads((folder / PROVENANCE).read_text(encoding="utf-8"))
-        if (folder / PROVENANCE).is_file()
-        else None
-    )
-    if record is None:
-        raise PushError(f"{folder} holds no hubsync build: run `hubsync build` first.")
+    record = load(folder)
     api = _api()
     out: dict[str, Any] = {"build": str(folder)}
-    base = record.get("base", {})
-    if base.get("repo"):
-        pinned, revision = base.get("sha"), base.get("revision")
-        try:
-            head = with_retries("base head", lambda: api.repo_info(base["repo"], revision=revision).sha)
-        except (RepositoryNotFoundError, RevisionNotFoundError):
-            head = None
-        moved = head is not None and head != pinned
-        changed: list[str] = []
-        if moved:
-            old, new = _remote_files(api, base["repo"], pinned), _remote_files(api, base["repo"], head)
-            changed = sorted(p for p in set(old) | set(new) if old.get(p) != new.get(p))
-        out["base"] = {
-            "repo": base["repo"],
-            "revision": revision,
-            "pinned": pinned,
-            "head": head,
-            "moved": moved,
-            "changed_files": changed,
-        }
-    spec = record.get("manifest", {}).get("push") or {}
-    if spec.get("repo"):
-        repo_id, branch = spec["repo"], spec.get("revision") or "main"
-        local = _local_files(folder, record)
-        try:
-            head = with_retries("repo head", lambda: api.repo_info(repo_id, revision=branch).sha)
-            remote = _remote_files(api, repo_id, head)
-            commits = with_retries("commits", lambda: api.list_repo_commits(repo_id, revision=branch))
-            last = (
-                {
-                    "id": commits[0].commit_id,
-                    "title": commits[0].title,
-                    "date": commits[0].created_at.isoformat(),
-                }
-                if commits
-                else None
-            )
-        except (RepositoryNotFoundError, RevisionNotFoundError):
-            remote, last, head = {}, None, None
-        plan = plan_push(local, remote, {}, {})
-        out["remote"] = {
-            "repo": repo_id,
-            "revision": branch,
-            "exists": head is not None,
-            "head": head,
-            "last_commit": last,
-            "added": [p for p in plan.add if p not in remote],
-            "changed": [p for p in plan.add if p in remote],
-            "deleted": list(plan.delete),
-            "in_sync": not plan.add and not plan.delete and head is not None,
-        }
+    if record.base.repo:
+        out["base"] = _base_status(api, record)
+    spec = record.push_settings
+    if spec is not None:
+        out["remote"] = _remote_status(api, folder, _Target.from_spec(spec))
     return out
+
+
+def _base_status(api: Any, record: BuildRecord) -> dict[str, Any]:
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, pinned, revision = str(record.base.repo), record.base.sha, record.base.revision
+    try:
+        head = with_retries("base head", lambda: api.repo_info(repo, revision=revision).sha)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        head = None
+    moved = head is not None and head != pinned
+    changed: list[str] = []
+    if moved and pinned:
+        old, new = _remote_files(api, repo, pinned), _remote_files(api, repo, head)
+        changed = sorted(p for p in set(old) | set(new) if old.get(p) != new.get(p))
+    return {
+        "repo": repo,
+        "revision": revision,
+        "pinned": pinned,
+        "head": head,
+        "moved": moved,
+        "changed_files": changed,
+    }
+
+
+def _remote_status(api: Any, folder: Path, target: _Target) -> dict[str, Any]:
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    local = _local_files(folder, hash_files(folder))
+    try:
+        head = with_retries("repo head", lambda: api.repo_info(target.repo_id, revision=target.revision).sha)
+        remote = _remote_files(api, target.repo_id, head)
+        commits = with_retries(
+            "commits", lambda: api.list_repo_commits(target.repo_id, revision=target.revision)
+        )
+        last = (
+            {"id": commits[0].commit_id, "title": commits[0].title, "date": commits[0].created_at.isoformat()}
+            if commits
+            else None
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        remote, last, head = {}, None, None
+    plan = plan_push(local, remote, {}, {})
+    return {
+        "repo": target.repo_id,
+        "revision": target.revision,
+        "exists": head is not None,
+        "head": head,
+        "last_commit": last,
+        "added": [p for p in plan.add if p not in remote],
+        "changed": [p for p in plan.add if p in remote],
+        "deleted": list(plan.delete),
+        "in_sync": not plan.add and not plan.delete and head is not None,
+    }
 
 
 def render_status(data: dict[str, Any]) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable
 
 from hubsync.errors import BaseResolutionError
+from hubsync.fsio import list_files, read_json_object
 from hubsync.manifest import BaseSpec
 from hubsync.tensors import Checkpoint, list_checkpoint
 
@@ -57,25 +58,9 @@ class BaseInventory:
         return f"{self.repo_id}@{self.sha}" if self.repo_id else str(self.folder)
 
 
-def list_files(folder: Path) -> tuple[str, ...]:
-    """Every file under `folder`, as sorted repo-relative posix paths (no .git, no hidden cache folders)."""
-    found = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if path.is_dir() or rel.parts[0] in (".git", ".cache", ".huggingface"):
-            continue
-        found.append(rel.as_posix())
-    return tuple(sorted(found))
-
-
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        raise BaseResolutionError(f"{path} is not valid JSON ({err}): re-download or fix it.") from None
-    return data if isinstance(data, dict) else {}
+    """A JSON object of a model folder ({} when absent); a damaged one is a one-line error."""
+    return read_json_object(path, error=BaseResolutionError, fix="re-download or fix it") or {}
 
 
 def read_json_files(

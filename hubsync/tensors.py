@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, Union
 
 from hubsync.errors import BuildError, FinetuneError, HubsyncError
+from hubsync.fsio import fsync_dir
 
 if TYPE_CHECKING:
     import torch
@@ -503,7 +504,7 @@ def list_checkpoint(folder: str | os.PathLike[str], *, error: ErrorType = Finetu
         for shard in shards:
             if not shard.is_file():
                 raise error(f"{BIN_INDEX} names {shard.name}, which is not in {folder}; re-download it")
-            found = _list_bin(shard, error)
+            found = list_bin(shard, error)
             for tname, ref in found.items():
                 if weight_map.get(tname) != shard.name:
                     raise error(
@@ -535,7 +536,7 @@ def list_checkpoint(folder: str | os.PathLike[str], *, error: ErrorType = Finetu
     single_bin = folder / BIN_SINGLE
     if single_bin.is_file():
         return Checkpoint(
-            folder=folder, format="bin", files=(single_bin,), tensors=dict(_list_bin(single_bin, error))
+            folder=folder, format="bin", files=(single_bin,), tensors=dict(list_bin(single_bin, error))
         )
     raise error(
         f"no model weights in {folder}: expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, a *.safetensors "
@@ -606,7 +607,7 @@ def _torch_load(path: Path, error: ErrorType) -> dict[str, Any]:
     return obj
 
 
-def _list_bin(path: Path, error: ErrorType) -> dict[str, BinTensorRef]:
+def list_bin(path: Path, error: ErrorType) -> dict[str, BinTensorRef]:
     import torch
 
     refs: dict[str, BinTensorRef] = {}
@@ -1138,7 +1139,7 @@ def copy_file(
             os.replace(tmp, dst)
             # rename() between two links to one inode does nothing and leaves tmp behind (src is dst).
             _remove_partial(tmp)
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
             return "hardlink"
     elif mode != "copy":
         raise ValueError(f"unknown copy mode {mode!r}")
@@ -1203,17 +1204,3 @@ def _kernel_copy(fd_in: int, fd_out: int, size: int) -> None:
         if n == 0:
             return
         _write_all(fd_out, view[:n])
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the new directory entry durable; some filesystems refuse fsync on a directory, which is harmless.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

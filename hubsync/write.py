@@ -9,16 +9,15 @@ beside the output makes a second concurrent build into the same folder refuse at
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hubsync import fsio
 from hubsync import tensors as T
 from hubsync.errors import BuildError
 from hubsync.finetune import FinetuneInventory
@@ -26,7 +25,6 @@ from hubsync.plan import FilePlan, Plan
 from hubsync.resolve import BaseInventory
 
 log = logging.getLogger("hubsync")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -35,11 +33,6 @@ class WrittenFile:
     sha256: str
     size: int
     source: str
-
-
-def json_bytes(content: dict[str, Any]) -> bytes:
-    """JSON as transformers writes it (2-space indent, key order kept, trailing newline), deterministic."""
-    return (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 class OutputLock:
@@ -79,14 +72,6 @@ def remove_stale_staging(output: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _RENAME_EXCHANGE = 2
 
 
@@ -115,16 +100,7 @@ def swap_into_place(staging: Path, output: Path) -> None:
         os.rename(output, old)
         os.rename(staging, output)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(output.parent)
-
-
-def _cached_sha256(src: Path) -> str | None:
-    """The Hub cache names an LFS blob by its sha256: reuse it instead of hashing gigabytes again."""
-    if src.is_symlink():
-        target = src.resolve()
-        if SHA256_RE.match(target.name) and target.stat().st_size == src.stat().st_size:
-            return target.name
-    return None
+    fsio.fsync_dir(output.parent)
 
 
 def _rewrite_shard(
@@ -193,44 +169,30 @@ def _write_one(
         src = (base.folder if item.source == "base" else finetune.folder) / item.path
         is_weight = item.path in {t.shard for t in plan.tensors}
         T.copy_file(src, dest, mode="hardlink" if (link == "hardlink" and is_weight) else "copy")
-        return _cached_sha256(src) or T.sha256_file(dest)
+        return fsio.cached_sha256(src) or T.sha256_file(dest)
     if item.action == "rewrite-shard":
         return _rewrite_shard(dest, item.path, plan, base, finetune)
     if item.action in ("write-json", "write-index"):
         assert item.content is not None
-        return _write_bytes(dest, json_bytes(item.content))
+        return fsio.write_bytes(dest, fsio.json_bytes(item.content))
     if item.action == "card":
-        return _write_bytes(dest, card_text.encode("utf-8"))
+        return fsio.write_bytes(dest, card_text.encode("utf-8"))
     raise AssertionError(f"unknown action {item.action}")  # the planner only emits the actions above
-
-
-def _write_bytes(dest: Path, data: bytes) -> str:
-    import hashlib
-
-    try:
-        with open(dest, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        if err.errno == 28:
-            raise BuildError(
-                f"no space left on device writing {dest}: free some space or set output.dir elsewhere"
-            ) from None
-        raise
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_json_atomic(path: Path, content: dict[str, Any]) -> str:
-    """Replace one JSON file atomically (used for hubsync.json after verification)."""
-    tmp = path.with_name(f".{path.name}.hubsync-tmp")
-    sha = _write_bytes(tmp, json_bytes(content))
-    os.replace(tmp, path)
-    return sha
 
 
 def new_staging(output: Path) -> Path:
     staging = output.parent / f"{_staging_prefix(output)}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    return staging
+
+
+def relink_into_staging(folder: Path) -> Path:
+    """A staging folder beside `folder` holding hard links to all of its files, so that a few files can be
+    replaced (unlink, then write) and the whole swapped in at once. Never writes through a link."""
+    staging = new_staging(folder)
+    for rel in fsio.list_files(folder):
+        dest = staging / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        T.copy_file(folder / rel, dest, mode="hardlink")
     return staging

@@ -705,7 +705,7 @@ def test_good_manifest_publishes_and_sets_every_output(
 
     # long phases are folded; nothing failed, so nothing is annotated
     groups = [c.message for c in run.commands if c.name == "group"]
-    assert {"hubsync build: resolve, plan, write", "hubsync verify", "hubsync push"} <= set(groups)
+    assert {"hubsync build: resolve, plan, write, verify", "hubsync push"} <= set(groups)
     assert sum(c.name == "endgroup" for c in run.commands) == len(groups)
     assert run.annotations() == []
 

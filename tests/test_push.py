@@ -105,7 +105,7 @@ def test_push_then_fresh_download_loads_and_verifies(
     fresh = Path(snapshot_download(repo_id, revision="v1", cache_dir=tmp_path / "fresh-cache"))
     for path in out.iterdir():
         assert (fresh / path.name).read_bytes() == path.read_bytes(), path.name
-    assert verify(fresh, update_record=False).passed
+    assert verify(fresh, trust_remote_code=True, update_record=False).passed
 
     again = push(manifest)
     assert again.up_to_date and hub.commit_count(repo_id) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from hubsync import tensors as T
 from hubsync.build import build
 from hubsync.errors import VerifyError
 from hubsync.testing.models import PublishedModel
-from hubsync.verify import verification_gate, verify
+from hubsync.record import FileEntry, hash_files, load, save, verification_gate
+from hubsync.verify import verify
 from tests.test_build import REMOTE_TUNED, write_manifest
 
 
@@ -42,9 +44,18 @@ def copy(built: Path, tmp_path: Path) -> Path:
 
 
 def failed(folder: Path) -> dict[str, str]:
-    report = verify(folder)
+    report = verify(folder, trust_remote_code=True)
     assert not report.passed
     return {c.name: c.detail for c in report.checks if c.ok is False}
+
+
+def rerecord(folder: Path) -> None:
+    """Make hubsync.json describe the folder as it is now: a build that came out this way (a broken build),
+    rather than a good build edited afterwards (which the hash check catches before anything else runs)."""
+    record = load(folder)
+    current = hash_files(folder)
+    files = {p: FileEntry(sha, (folder / p).stat().st_size, "base") for p, sha in current.items()}
+    save(folder, replace(record, files=files, verification=None))
 
 
 def overwrite_tensor(folder: Path, name: str, value: torch.Tensor) -> None:
@@ -68,11 +79,19 @@ def test_good_build_passes_and_is_recorded(built: Path) -> None:
 
 
 def test_a_copied_folder_verifies_the_same_way(copy: Path) -> None:
-    assert verify(copy).passed
+    assert verify(copy, trust_remote_code=True).passed
+
+
+def test_a_copied_folder_runs_no_code_unless_told(copy: Path) -> None:
+    report = verify(copy)  # no manifest beside it and no flag: the folder's own record never grants trust
+    assert not report.passed
+    check = report.check("model loads")
+    assert check is not None and "trust_remote_code" in check.detail
 
 
 def test_processor_config_removed(copy: Path) -> None:
     (copy / "preprocessor_config.json").unlink()
+    rerecord(copy)
     found = failed(copy)
     assert found["files present"] == "1 file(s) of the base revision are missing: preprocessor_config.json"
     assert found["processor"].startswith(
@@ -115,6 +134,7 @@ def test_llm_tensor_perturbed(copy: Path) -> None:
     name = "llm.model.norm.weight"
     info = T.list_checkpoint(copy).tensors[name]
     overwrite_tensor(copy, name, T.load_tensor(info) + 1)
+    rerecord(copy)
     found = failed(copy)
     assert found["other tensors are the base's"] == (
         f"1 tensor(s) outside the tuned parts differ from the base: {name}"
@@ -167,7 +187,8 @@ def test_file_edited_after_verification(copy: Path) -> None:
 
 def test_failed_verification_blocks_the_gate(copy: Path) -> None:
     (copy / "preprocessor_config.json").unlink()
-    verify(copy)
+    rerecord(copy)
+    verify(copy, trust_remote_code=True)
     with pytest.raises(VerifyError, match=r"the verification of .* failed \(files present: "):
         verification_gate(copy)
 
@@ -187,7 +208,7 @@ def test_verify_cli_json_and_exit_codes(copy: Path, hub: Any, tmp_path: Path) ->
 
     env = {**os.environ, **hub.client_env(tmp_path / "hf")}
     good = subprocess.run(
-        [sys.executable, "-m", "hubsync", "verify", "--json", str(copy)],
+        [sys.executable, "-m", "hubsync", "verify", "--json", "--trust-remote-code", str(copy)],
         env=env,
         capture_output=True,
         text=True,
@@ -197,7 +218,7 @@ def test_verify_cli_json_and_exit_codes(copy: Path, hub: Any, tmp_path: Path) ->
     assert json.loads(good.stdout)["passed"] is True
     (copy / "processing_minicpmv.py").unlink()
     bad = subprocess.run(
-        [sys.executable, "-m", "hubsync", "verify", str(copy)],
+        [sys.executable, "-m", "hubsync", "verify", "--trust-remote-code", str(copy)],
         env=env,
         capture_output=True,
         text=True,
@@ -205,7 +226,7 @@ def test_verify_cli_json_and_exit_codes(copy: Path, hub: Any, tmp_path: Path) ->
     )
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
-        "error: verification failed: files present: 1 file(s) of the base revision are missing: processing_minicpmv.py"
+        "error: verification failed: files match hubsync.json: processing_minicpmv.py is missing"
     )
     assert "FAIL  files present" in bad.stdout
 
@@ -214,3 +235,19 @@ def test_header_bytes_of_truncated_shard_are_reported_not_crashed(copy: Path) ->
     shard = copy / "model-00002-of-00003.safetensors"
     shard.write_bytes(struct.pack("<Q", 10**12))
     assert "weights readable" in failed(copy)
+
+
+def test_changed_code_is_never_run(copy: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    code = copy / "tokenization_minicpmv_fast.py"
+    code.write_text(f"open({str(marker)!r}, 'w').close()\n" + code.read_text())
+    found = failed(copy)  # the record no longer matches: nothing is imported
+    assert found["files match hubsync.json"] == "tokenization_minicpmv_fast.py changed since the build"
+    assert not marker.exists()
+    rerecord(copy)  # even when the record says so, code that is not the pinned base's never runs
+    found = failed(copy)
+    assert found["code is the base's"] == (
+        "tokenization_minicpmv_fast.py differs from the base revision's: only the pinned base's code may run; "
+        "rebuild the folder"
+    )
+    assert not marker.exists()
