@@ -542,7 +542,7 @@ def read_adapter(
         first = f": {problems[0]}" if problems else ""
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise FinetuneError(
-            f"none of the {len(modules)} LoRA module(s) in {folder} lands on the base; check that `base` is the "
+            f"none of the {len(modules)} LoRA module(s) in {folder} lands on the base: check that `base` is the "
             f"model the adapter was trained on{first}{more}"
         )
     reading.notes.insert(0, _summary_note(reading))

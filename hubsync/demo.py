@@ -29,7 +29,7 @@ def _prepare_workdir(workdir: Path) -> Path:
     workdir = workdir.resolve()
     if workdir.exists():
         if not (workdir / MARKER).is_file():
-            raise HubsyncError(f"{workdir} exists and is not a hubsync demo folder: pass another --workdir.")
+            raise HubsyncError(f"{workdir} exists and is not a hubsync demo folder: pass another --workdir")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / MARKER).write_text("made by `hubsync demo`; safe to delete\n")
@@ -97,7 +97,7 @@ def _run(workdir: Path, endpoint: str) -> None:
     assert report is not None
     click.echo("    " + render_report(report).replace("\n", "\n    "))
     if not report.passed:
-        raise HubsyncError("the demo build failed verification; this is a bug in hubsync, please report it")
+        raise HubsyncError("the demo build failed verification: this is a bug in hubsync, please report it")
 
     _step(5, f"hubsync push -> {TARGET_REPO}")
     pushed = push(manifest)

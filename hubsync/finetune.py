@@ -77,106 +77,117 @@ def locate(spec: FinetuneSpec) -> Path:
 
     A folder that holds both full weights and a PEFT adapter is refused until `finetune.format` says which.
     A ZeRO checkpoint without consolidated weights (`global_stepN/` shards, a `latest` file) is converted with
-    deepspeed's own `zero_to_fp32` when deepspeed is installed, into `hubsync-zero-to-fp32-<tag>/` inside the
-    checkpoint; without deepspeed the error gives the command that converts it.
+    deepspeed's own `zero_to_fp32` when deepspeed is installed, into hubsync's cache (never into the fine-tune
+    folder, which is read-only to hubsync); without deepspeed the error gives the command that converts it.
     """
-    import inspect
-    import shutil
-
-    def weights_in(path: Path) -> bool:
-        return any(
-            is_weight_file(p.name) and not p.name.startswith("adapter_model")
-            for p in path.iterdir()
-            if p.is_file()
-        )
-
-    def zero_tag(path: Path) -> str | None:
-        latest = path / "latest"
-        tags = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
-        tag = latest.read_text().strip() if latest.is_file() else (tags[-1] if tags else None)
-        if tag is None or not (path / tag).is_dir():
-            return None
-        shards = [p.name for p in (path / tag).iterdir()]
-        return tag if any(n.endswith("_model_states.pt") or "zero_pp_rank_" in n for n in shards) else None
-
-    def consolidate(path: Path, tag: str) -> Path:
-        out = path / f"hubsync-zero-to-fp32-{tag}"
-        if any(is_weight_file(p.name) for p in out.glob("*")):
-            return out  # converted by an earlier build
-        script = path / "zero_to_fp32.py"
-        command = (
-            f"python {script} {path} {out} --safe_serialization"
-            if script.is_file()
-            else f"python -m deepspeed.utils.zero_to_fp32 {path} {out} --safe_serialization"
-        )
-        try:
-            from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-        except ImportError:
-            raise FinetuneError(
-                f"{path} holds a DeepSpeed ZeRO checkpoint ({tag}/) without consolidated weights, and deepspeed is "
-                f"not installed to convert it: run `{command}` where deepspeed is installed, then set "
-                f"`finetune.path` to {out}"
-            ) from None
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        try:
-            if "output_dir" in inspect.signature(convert_zero_checkpoint_to_fp32_state_dict).parameters:
-                convert_zero_checkpoint_to_fp32_state_dict(
-                    str(path), str(out), tag=tag, safe_serialization=True
-                )
-            else:  # deepspeed before 0.14 writes one pickled file
-                convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out / "pytorch_model.bin"), tag=tag)
-        except Exception as err:  # deepspeed raises assorted types for a damaged or partial checkpoint
-            shutil.rmtree(out, ignore_errors=True)
-            raise FinetuneError(
-                f"deepspeed could not convert the ZeRO checkpoint {path / tag} ({err}); run `{command}` by hand"
-            ) from err
-        for item in path.iterdir():  # config and tokenizer travel with the weights; leftovers stay behind
-            if item.is_file() and not is_weight_file(item.name) and not is_leftover(item.name):
-                shutil.copyfile(item, out / item.name)
-        return out
-
-    def weights_folder(path: Path) -> Path:
-        has_adapter = (path / "adapter_config.json").is_file()
-        has_weights = weights_in(path)
-        if spec.format == "peft":
-            if not has_adapter:
-                raise FinetuneError(
-                    f"`finetune.format` is peft, but {path} has no adapter_config.json: check `finetune.path`."
-                )
-            return path
-        if has_weights and has_adapter and spec.format == "auto":
-            raise FinetuneError(
-                f"{path} holds both full model weights and a PEFT adapter (adapter_config.json): say which one to "
-                "build from with `finetune.format: full` or `finetune.format: peft`."
-            )
-        if has_weights or (has_adapter and spec.format == "auto"):
-            return path
-        tag = zero_tag(path)
-        if tag is not None:
-            return consolidate(path, tag)
-        raise FinetuneError(
-            f"{path} holds no weights (*.safetensors, pytorch_model*.bin or a PEFT adapter) and no checkpoint-N "
-            "folder: point `finetune.path` at the trainer's output folder."
-        )
-
     folder = spec.path
     if not folder.is_dir():
-        raise FinetuneError(f"Fine-tune folder {folder} does not exist: check `finetune.path`.")
+        raise FinetuneError(f"fine-tune folder {folder} does not exist: check `finetune.path`")
     if spec.checkpoint is not None:
         chosen = folder / spec.checkpoint
         if not chosen.is_dir():
-            raise FinetuneError(f"{chosen} does not exist: check `finetune.checkpoint`.")
-        return weights_folder(chosen)
-    if weights_in(folder) or (folder / "adapter_config.json").is_file() or zero_tag(folder) is not None:
-        return weights_folder(folder)
+            raise FinetuneError(f"{chosen} does not exist: check `finetune.checkpoint`")
+        return _weights_folder(chosen, spec)
+    if _has_weights(folder) or (folder / "adapter_config.json").is_file() or _zero_tag(folder) is not None:
+        return _weights_folder(folder, spec)
     checkpoints = sorted(
         (p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
         key=lambda p: int(p.name.split("-")[1]),
     )
-    if checkpoints:
-        return weights_folder(checkpoints[-1])
-    return weights_folder(folder)
+    return _weights_folder(checkpoints[-1] if checkpoints else folder, spec)
+
+
+def _has_weights(path: Path) -> bool:
+    return any(
+        is_weight_file(p.name) and not p.name.startswith("adapter_model")
+        for p in path.iterdir()
+        if p.is_file()
+    )
+
+
+def _zero_tag(path: Path) -> str | None:
+    """The tag (`global_stepN`) of a DeepSpeed ZeRO checkpoint in `path`, or None."""
+    latest = path / "latest"
+    tags = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
+    tag = latest.read_text().strip() if latest.is_file() else (tags[-1] if tags else None)
+    if tag is None or not (path / tag).is_dir():
+        return None
+    shards = [p.name for p in (path / tag).iterdir()]
+    return tag if any(n.endswith("_model_states.pt") or "zero_pp_rank_" in n for n in shards) else None
+
+
+def _weights_folder(path: Path, spec: FinetuneSpec) -> Path:
+    has_adapter = (path / "adapter_config.json").is_file()
+    has_weights = _has_weights(path)
+    if spec.format == "peft":
+        if not has_adapter:
+            raise FinetuneError(
+                f"`finetune.format` is peft, but {path} has no adapter_config.json: check `finetune.path`"
+            )
+        return path
+    if has_weights and has_adapter and spec.format == "auto":
+        raise FinetuneError(
+            f"{path} holds both full model weights and a PEFT adapter (adapter_config.json): say which one to "
+            "build from with `finetune.format: full` or `finetune.format: peft`"
+        )
+    if has_weights or (has_adapter and spec.format == "auto"):
+        return path
+    tag = _zero_tag(path)
+    if tag is not None:
+        return _consolidate_zero(path, tag)
+    raise FinetuneError(
+        f"{path} holds no weights (*.safetensors, pytorch_model*.bin or a PEFT adapter) and no checkpoint-N "
+        "folder: point `finetune.path` at the trainer's output folder"
+    )
+
+
+def _consolidate_zero(path: Path, tag: str) -> Path:
+    """deepspeed's zero_to_fp32 into hubsync's cache, keyed by the checkpoint's path, tag and shard times."""
+    import hashlib
+    import inspect
+    import shutil
+
+    from hubsync.fsio import cache_dir
+
+    stamp = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in (path / tag).iterdir())
+    key = hashlib.sha256(repr((str(path.resolve()), tag, stamp)).encode()).hexdigest()[:16]
+    out = cache_dir() / "zero-to-fp32" / key
+    if (out / ".complete").is_file():
+        return out  # converted by an earlier build
+    script = path / "zero_to_fp32.py"
+    target = (
+        path.parent / f"{path.name}-fp32"
+    )  # for the user's own command: beside, never inside, the checkpoint
+    command = (
+        f"python {script} {path} {target} --safe_serialization"
+        if script.is_file()
+        else f"python -m deepspeed.utils.zero_to_fp32 {path} {target} --safe_serialization"
+    )
+    try:
+        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+    except ImportError:
+        raise FinetuneError(
+            f"{path} holds a DeepSpeed ZeRO checkpoint ({tag}/) without consolidated weights, and deepspeed is "
+            f"not installed to convert it: run `{command}` where deepspeed is installed, copy the config and "
+            f"tokenizer files into {target}, and set `finetune.path` to it"
+        ) from None
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        if "output_dir" in inspect.signature(convert_zero_checkpoint_to_fp32_state_dict).parameters:
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out), tag=tag, safe_serialization=True)
+        else:  # deepspeed before 0.14 writes one pickled file
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out / "pytorch_model.bin"), tag=tag)
+    except Exception as err:  # deepspeed raises assorted types for a damaged or partial checkpoint
+        shutil.rmtree(out, ignore_errors=True)
+        raise FinetuneError(
+            f"deepspeed could not convert the ZeRO checkpoint {path / tag} ({err}): run `{command}` by hand"
+        ) from err
+    for item in path.iterdir():  # config and tokenizer travel with the weights; leftovers stay behind
+        if item.is_file() and not is_weight_file(item.name) and not is_leftover(item.name):
+            shutil.copyfile(item, out / item.name)
+    (out / ".complete").touch()
+    return out
 
 
 def read_finetune(
@@ -203,7 +214,7 @@ def read_finetune(
     else:
         checkpoint = list_checkpoint(folder)
     if not checkpoint.tensors:
-        raise FinetuneError(f"{folder} holds no tensors: point `finetune.path` at the trainer's output.")
+        raise FinetuneError(f"{folder} holds no tensors: point `finetune.path` at the trainer's output")
     shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
     base_shapes = {name: tuple(info.shape) for name, info in base_tensors.items()}
     mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, ())

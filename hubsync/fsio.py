@@ -48,6 +48,16 @@ def os_error(
     return error(describe_os_error(err, path, doing))
 
 
+def cache_dir() -> Path:
+    """hubsync's own cache (verification runtimes, converted checkpoints): $HUBSYNC_CACHE_DIR, else
+    $XDG_CACHE_HOME/hubsync, else ~/.cache/hubsync. Never inside an input."""
+    explicit = os.environ.get("HUBSYNC_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "hubsync"
+
+
 def fsync_dir(folder: Path) -> None:
     """Make new directory entries durable; some filesystems refuse fsync on a directory, which is harmless."""
     try:

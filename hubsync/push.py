@@ -66,11 +66,11 @@ def find_build(target: Path | None) -> Path:
 
 
 def _api() -> Any:
-    from hubsync.resolve import _offline
+    from hubsync.resolve import offline
 
-    if _offline():
+    if offline():
         raise PushError(
-            "HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE."
+            "HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE"
         )
     from huggingface_hub import HfApi
 
@@ -141,13 +141,13 @@ def _check_token(api: Any, repo_id: str) -> dict[str, Any]:
     from huggingface_hub.errors import HfHubHTTPError
 
     if not api.token and not _saved_token():
-        raise PushError("no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`.")
+        raise PushError("no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`")
     try:
         me = with_retries("whoami", api.whoami)
     except HfHubHTTPError as err:
         if _status_of(err) == 401:
             raise PushError(
-                "the Hugging Face token was refused (401): set HF_TOKEN to a valid write token."
+                "the Hugging Face token was refused (401): set HF_TOKEN to a valid write token"
             ) from None
         raise
     names = {me.get("name")} | {o.get("name") for o in me.get("orgs", []) if isinstance(o, dict)}
@@ -155,7 +155,7 @@ def _check_token(api: Any, repo_id: str) -> dict[str, Any]:
     if owner not in names:
         raise PushError(
             f"you are logged in as {me.get('name')}, who cannot write to {repo_id}: push to your own namespace "
-            f"or an org you belong to ({', '.join(sorted(n for n in names if n))})."
+            f"or an org you belong to ({', '.join(sorted(n for n in names if n))})"
         )
     return dict(me)
 
@@ -511,14 +511,14 @@ def _maybe_tag(api: Any, repo_id: str, tag: str | None, commit: str, result: Pus
         return
     if tag in existing:
         raise PushError(
-            f"tag {tag} already exists on another commit of {repo_id}: choose another `push.tag`."
+            f"tag {tag} already exists on another commit of {repo_id}: choose another `push.tag`"
         )
     try:
         with_retries("tag", lambda: api.create_tag(repo_id, tag=tag, revision=commit))
     except HfHubHTTPError as err:
         raise PushError(
             f"the commit is published but tag {tag} could not be created ({_describe(err)}): "
-            "create it by hand or push again."
+            "create it by hand or push again"
         ) from None
     result.tag = tag
 

@@ -83,7 +83,7 @@ def read_json_files(
     return found
 
 
-def _offline() -> bool:
+def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -100,7 +100,7 @@ def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
 
     where = f"{repo_id}@{revision}"
     try:
-        if _offline():
+        if offline():
             folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
             return folder.name, folder
         # One resolution, by snapshot_download itself: it records refs/<branch> in the cache (so that
@@ -109,34 +109,34 @@ def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
         return folder.name, folder
     except GatedRepoError:
         raise BaseResolutionError(
-            f"{repo_id} is gated: accept its terms on the Hub with your account, then set HF_TOKEN."
+            f"{repo_id} is gated: accept its terms on the Hub with your account, then set HF_TOKEN"
         ) from None
     except RepositoryNotFoundError:
         raise BaseResolutionError(
-            f"Base repo {repo_id} was not found: check `base.repo`, or set HF_TOKEN if it is private."
+            f"base repo {repo_id} was not found: check `base.repo`, or set HF_TOKEN if it is private"
         ) from None
     except RevisionNotFoundError:
         raise BaseResolutionError(
-            f"Revision '{revision}' does not exist in {repo_id}: check `base.revision` (a branch, tag or commit sha)."
+            f"revision '{revision}' does not exist in {repo_id}: check `base.revision` (a branch, tag or commit sha)"
         ) from None
     except LocalEntryNotFoundError:
-        if _offline():
+        if offline():
             raise BaseResolutionError(
-                f"{where} is not in the local cache and HF_HUB_OFFLINE=1: build once online, or unset HF_HUB_OFFLINE."
+                f"{where} is not in the local cache and HF_HUB_OFFLINE=1: build once online, or unset HF_HUB_OFFLINE"
             ) from None
         raise BaseResolutionError(
-            f"Cannot reach the Hub to fetch {where}: check the network (or HF_ENDPOINT), "
-            "or build from the cache with HF_HUB_OFFLINE=1."
+            f"cannot reach the Hub to fetch {where}: check the network (or HF_ENDPOINT), "
+            "or build from the cache with HF_HUB_OFFLINE=1"
         ) from None
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", "?")
         raise BaseResolutionError(
-            f"The Hub answered HTTP {status} while fetching {where}: retry later, or check HF_TOKEN."
+            f"the Hub answered HTTP {status} while fetching {where}: retry later, or check HF_TOKEN"
         ) from None
     except OSError as err:
         raise BaseResolutionError(
-            f"Cannot reach the Hub to fetch {where} ({type(err).__name__}): check the network or HF_ENDPOINT, "
-            "or build from the cache with HF_HUB_OFFLINE=1."
+            f"cannot reach the Hub to fetch {where} ({type(err).__name__}): check the network or HF_ENDPOINT, "
+            "or build from the cache with HF_HUB_OFFLINE=1"
         ) from None
 
 
@@ -145,7 +145,7 @@ def resolve_base(spec: BaseSpec) -> BaseInventory:
     if spec.path is not None:
         folder = spec.path
         if not folder.is_dir():
-            raise BaseResolutionError(f"Base folder {folder} does not exist: check `base.path`.")
+            raise BaseResolutionError(f"base folder {folder} does not exist: check `base.path`")
         repo_id, revision, sha = None, None, None
     else:
         assert spec.repo is not None and spec.revision is not None  # guaranteed by the manifest schema
@@ -156,8 +156,8 @@ def resolve_base(spec: BaseSpec) -> BaseInventory:
     checkpoint = list_checkpoint(folder, error=BaseResolutionError)
     if checkpoint.format != "safetensors":
         raise BaseResolutionError(
-            f"The base {folder} has no safetensors weights (only {checkpoint.format}): hubsync keeps the base's "
-            "shards byte for byte and needs safetensors; use a revision of the base that has them."
+            f"the base {folder} has no safetensors weights (only {checkpoint.format}): hubsync keeps the base's "
+            "shards byte for byte and needs safetensors: use a revision of the base that has them"
         )
     return BaseInventory(
         repo_id=repo_id,

@@ -245,6 +245,35 @@ def read_safetensors_header(
     BaseResolutionError when the caller reads a base or an output.
     """
     path = Path(path)
+    size, header_size, raw = _read_header_bytes(path, error)
+    name = path.name
+    try:
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise error(f"{name} has a corrupt header ({err}): re-download or re-save it") from err
+    if not isinstance(parsed, dict):
+        raise error(f"{name} has a corrupt header (not a JSON object): re-download or re-save it")
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise error(f"{name} has a corrupt header (__metadata__ must map strings to strings): re-save it")
+    infos = [_tensor_info(path, tname, entry, header_size, error) for tname, entry in parsed.items()]
+    # Physical order, which is also the order safetensors writes the JSON in. A stable sort keeps the JSON
+    # order among zero-size tensors that share an offset.
+    infos.sort(key=lambda t: t.data_offsets)
+    _check_data_layout(name, infos, 8 + header_size, size, error)
+    return SafetensorsHeader(
+        file=path,
+        tensors={info.name: info for info in infos},
+        metadata=metadata,
+        header_size=header_size,
+        raw=raw,
+    )
+
+
+def _read_header_bytes(path: Path, error: ErrorType) -> tuple[int, int, bytes]:
+    """(file size, header size, header bytes), with the length prefix checked against the file."""
     name = path.name
     try:
         size = path.stat().st_size
@@ -256,7 +285,7 @@ def read_safetensors_header(
                 )
             if prefix + f.read(len(_LFS_POINTER_START) - 8) == _LFS_POINTER_START:
                 raise error(
-                    f"{name} is a Git LFS pointer, not the weights; run `git lfs pull` in {path.parent}"
+                    f"{name} is a Git LFS pointer, not the weights: run `git lfs pull` in {path.parent}"
                 )
             (header_size,) = struct.unpack("<Q", prefix)
             if header_size > MAX_HEADER_SIZE:
@@ -270,33 +299,19 @@ def read_safetensors_header(
                     "re-download or re-save it"
                 )
             f.seek(8)
-            raw = f.read(header_size)
+            return size, header_size, f.read(header_size)
     except FileNotFoundError as err:
-        raise error(f"{path} does not exist; check the path") from err
+        raise error(f"{path} does not exist: check the path") from err
     except IsADirectoryError as err:
-        raise error(f"{path} is a folder, not a safetensors file") from err
+        raise error(f"{path} is a folder, not a safetensors file: point at the weights file") from err
     except OSError as err:
         raise error(f"cannot read {path}: {err.strerror or err}") from err
 
-    try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise error(f"{name} has a corrupt header ({err}); re-download or re-save it") from err
-    if not isinstance(parsed, dict):
-        raise error(f"{name} has a corrupt header (not a JSON object); re-download or re-save it")
 
-    metadata = parsed.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise error(f"{name} has a corrupt header (__metadata__ must map strings to strings); re-save it")
-
-    infos: list[TensorInfo] = []
-    for tname, entry in parsed.items():
-        infos.append(_tensor_info(path, tname, entry, header_size, error))
-    # Physical order, which is also the order safetensors writes the JSON in. A stable sort keeps the JSON
-    # order among zero-size tensors that share an offset.
-    infos.sort(key=lambda t: t.data_offsets)
+def _check_data_layout(
+    name: str, infos: list[TensorInfo], data_start: int, size: int, error: ErrorType
+) -> None:
+    """Tensors must be contiguous from the end of the header and end exactly at the end of the file."""
     position = 0
     for info in infos:
         if info.data_offsets[0] != position:
@@ -306,7 +321,7 @@ def read_safetensors_header(
                 "re-download or re-save it"
             )
         position = info.data_offsets[1]
-    expected = 8 + header_size + position
+    expected = data_start + position
     if size < expected:
         raise error(
             f"{name} is truncated: expected {expected} bytes, found {size}; re-download or re-save it"
@@ -316,40 +331,33 @@ def read_safetensors_header(
             f"{name} is corrupt: expected {expected} bytes, found {size} (data after the last tensor); "
             "re-download or re-save it"
         )
-    return SafetensorsHeader(
-        file=path,
-        tensors={info.name: info for info in infos},
-        metadata=metadata,
-        header_size=header_size,
-        raw=raw,
-    )
 
 
 def _tensor_info(path: Path, tname: str, entry: object, header_size: int, error: ErrorType) -> TensorInfo:
     where = f"{path.name} has a corrupt header: tensor {tname}"
     if not isinstance(entry, dict):
-        raise error(f"{where} is not an object; re-download or re-save it")
+        raise error(f"{where} is not an object: re-download or re-save it")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
         raise error(
-            f"{path.name}: tensor {tname} has unsupported dtype {dtype!r}; re-save it as BF16, F16 or F32"
+            f"{path.name}: tensor {tname} has unsupported dtype {dtype!r}: re-save it as BF16, F16 or F32"
         )
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise error(f"{where} has an invalid shape {shape!r}; re-download or re-save it")
+        raise error(f"{where} has an invalid shape {shape!r}: re-download or re-save it")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise error(f"{where} has invalid data_offsets {offsets!r}; re-download or re-save it")
+        raise error(f"{where} has invalid data_offsets {offsets!r}: re-download or re-save it")
     try:
         nbytes = dtype_nbytes(dtype, shape)
     except ValueError as err:
-        raise error(f"{where}: {err}; re-download or re-save it") from err
+        raise error(f"{where}: {err}: re-download or re-save it") from err
     if offsets[1] - offsets[0] != nbytes:
         raise error(
-            f"{where} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {nbytes}; "
+            f"{where} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {nbytes}: "
             "re-download or re-save it"
         )
     return TensorInfo(
@@ -425,19 +433,19 @@ def _read_index_document(path: Path, error: ErrorType) -> tuple[dict[str, str], 
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise error(f"{path} does not exist; check the path") from err
+        raise error(f"{path} does not exist: check the path") from err
     except (UnicodeDecodeError, ValueError) as err:
-        raise error(f"{path.name} is not valid JSON ({err}); re-download it or regenerate the index") from err
+        raise error(f"{path.name} is not valid JSON ({err}): re-download it or regenerate the index") from err
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise error(f"{path.name} has no valid weight_map (tensor name -> shard file); regenerate the index")
+        raise error(f"{path.name} has no valid weight_map (tensor name -> shard file): regenerate the index")
     for shard in set(weight_map.values()):
         # Shard names come from a downloaded file: never let one point outside the folder.
         if not shard or shard != Path(shard).name or shard in (".", ".."):
             raise error(
-                f"{path.name} names shard {shard!r}, which is not a plain file name; regenerate the index"
+                f"{path.name} names shard {shard!r}, which is not a plain file name: regenerate the index"
             )
     metadata = doc.get("metadata")
     return weight_map, metadata if isinstance(metadata, dict) else None
@@ -466,7 +474,7 @@ def list_checkpoint(folder: str | os.PathLike[str], *, error: ErrorType = Finetu
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise error(f"{folder} is not a folder; point at the folder that holds the model weights")
+        raise error(f"{folder} is not a folder: point at the folder that holds the model weights")
     safetensors_files = _weight_files(folder, ".safetensors")
 
     index = folder / SAFETENSORS_INDEX
@@ -477,62 +485,10 @@ def list_checkpoint(folder: str | os.PathLike[str], *, error: ErrorType = Finetu
         return _list_safetensors_index(folder, index, safetensors_files, error)
 
     if safetensors_files:
-        chosen = folder / SAFETENSORS_SINGLE
-        if not chosen.is_file():
-            if len(safetensors_files) > 1:
-                names = ", ".join(p.name for p in safetensors_files)
-                raise error(
-                    f"{folder} holds several safetensors files ({names}) but no {SAFETENSORS_INDEX}; "
-                    "add the index or keep only the weights file"
-                )
-            chosen = safetensors_files[0]
-        header = read_safetensors_header(chosen, error=error)
-        return Checkpoint(
-            folder=folder,
-            format="safetensors",
-            files=(chosen,),
-            tensors=dict(header.tensors),
-            stray_files=tuple(p for p in safetensors_files if p != chosen),
-            headers={chosen: header},
-        )
-
+        return _list_single_safetensors(folder, safetensors_files, error)
     bin_index = folder / BIN_INDEX
     if bin_index.is_file():
-        weight_map, metadata = _read_index_document(bin_index, error)
-        shards = sorted({folder / s for s in weight_map.values()})
-        tensors: dict[str, TensorRef] = {}
-        for shard in shards:
-            if not shard.is_file():
-                raise error(f"{BIN_INDEX} names {shard.name}, which is not in {folder}; re-download it")
-            found = list_bin(shard, error)
-            for tname, ref in found.items():
-                if weight_map.get(tname) != shard.name:
-                    raise error(
-                        f"{shard.name} holds {tname}, which {BIN_INDEX} does not map to it; "
-                        "regenerate the index"
-                    )
-                tensors[tname] = ref
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise error(
-                f"{BIN_INDEX} lists {len(missing)} tensor(s) missing from their shard (first: {missing[0]} "
-                f"in {weight_map[missing[0]]}); re-download the shards or regenerate the index"
-            )
-        used = set(shards)
-        return Checkpoint(
-            folder=folder,
-            format="bin",
-            files=tuple(shards),
-            tensors={k: tensors[k] for k in weight_map if k in tensors},
-            # Only pytorch_model*.bin: a Trainer folder also holds training_args.bin, which holds no weights.
-            stray_files=tuple(
-                p
-                for p in _weight_files(folder, ".bin")
-                if p.name.startswith("pytorch_model") and p not in used
-            ),
-            index_file=bin_index,
-            index_metadata=metadata,
-        )
+        return _list_bin_index(folder, bin_index, error)
     single_bin = folder / BIN_SINGLE
     if single_bin.is_file():
         return Checkpoint(
@@ -540,7 +496,63 @@ def list_checkpoint(folder: str | os.PathLike[str], *, error: ErrorType = Finetu
         )
     raise error(
         f"no model weights in {folder}: expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, a *.safetensors "
-        f"file or {BIN_SINGLE}; check the fine-tune path"
+        f"file or {BIN_SINGLE}: check the fine-tune path"
+    )
+
+
+def _list_single_safetensors(folder: Path, present: list[Path], error: ErrorType) -> Checkpoint:
+    chosen = folder / SAFETENSORS_SINGLE
+    if not chosen.is_file():
+        if len(present) > 1:
+            names = ", ".join(p.name for p in present)
+            raise error(
+                f"{folder} holds several safetensors files ({names}) but no {SAFETENSORS_INDEX}: "
+                "add the index or keep only the weights file"
+            )
+        chosen = present[0]
+    header = read_safetensors_header(chosen, error=error)
+    return Checkpoint(
+        folder=folder,
+        format="safetensors",
+        files=(chosen,),
+        tensors=dict(header.tensors),
+        stray_files=tuple(p for p in present if p != chosen),
+        headers={chosen: header},
+    )
+
+
+def _list_bin_index(folder: Path, bin_index: Path, error: ErrorType) -> Checkpoint:
+    weight_map, metadata = _read_index_document(bin_index, error)
+    shards = sorted({folder / s for s in weight_map.values()})
+    tensors: dict[str, TensorRef] = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise error(f"{BIN_INDEX} names {shard.name}, which is not in {folder}: re-download it")
+        found = list_bin(shard, error)
+        for tname, ref in found.items():
+            if weight_map.get(tname) != shard.name:
+                raise error(
+                    f"{shard.name} holds {tname}, which {BIN_INDEX} does not map to it: regenerate the index"
+                )
+            tensors[tname] = ref
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise error(
+            f"{BIN_INDEX} lists {len(missing)} tensor(s) missing from their shard (first: {missing[0]} "
+            f"in {weight_map[missing[0]]}): re-download the shards or regenerate the index"
+        )
+    used = set(shards)
+    return Checkpoint(
+        folder=folder,
+        format="bin",
+        files=tuple(shards),
+        tensors={k: tensors[k] for k in weight_map if k in tensors},
+        # Only pytorch_model*.bin: a Trainer folder also holds training_args.bin, which holds no weights.
+        stray_files=tuple(
+            p for p in _weight_files(folder, ".bin") if p.name.startswith("pytorch_model") and p not in used
+        ),
+        index_file=bin_index,
+        index_metadata=metadata,
     )
 
 
@@ -551,14 +563,14 @@ def _list_safetensors_index(folder: Path, index: Path, present: list[Path], erro
     for shard_name in shard_names:
         shard = folder / shard_name
         if not shard.is_file():
-            raise error(f"{index.name} names shard {shard_name}, which is not in {folder}; re-download it")
+            raise error(f"{index.name} names shard {shard_name}, which is not in {folder}: re-download it")
         headers[shard] = read_safetensors_header(shard, error=error)
     tensors: dict[str, TensorRef] = {}
     for tname, shard_name in weight_map.items():
         info = headers[folder / shard_name].tensors.get(tname)
         if info is None:
             raise error(
-                f"{index.name} maps {tname} to {shard_name}, which does not hold it; regenerate the index"
+                f"{index.name} maps {tname} to {shard_name}, which does not hold it: regenerate the index"
             )
         tensors[tname] = info
     for shard, header in headers.items():
@@ -566,7 +578,7 @@ def _list_safetensors_index(folder: Path, index: Path, present: list[Path], erro
         if unlisted:
             raise error(
                 f"{shard.name} holds {len(unlisted)} tensor(s) that {index.name} does not map to it "
-                f"(first: {unlisted[0]}); regenerate the index"
+                f"(first: {unlisted[0]}): regenerate the index"
             )
     return Checkpoint(
         folder=folder,
@@ -593,12 +605,12 @@ def _torch_load(path: Path, error: ErrorType) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise error(
-            f"{path.name} cannot be loaded safely: it needs arbitrary pickled code ({first}); convert it to "
+            f"{path.name} cannot be loaded safely: it needs arbitrary pickled code ({first}): convert it to "
             "safetensors in an environment you trust and point hubsync at that"
         ) from err
     except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors... for a damaged file
         raise error(
-            f"{path.name} is not a readable PyTorch checkpoint ({err}); re-download or re-save it"
+            f"{path.name} is not a readable PyTorch checkpoint ({err}): re-download or re-save it"
         ) from err
     if not isinstance(obj, dict):
         raise error(
@@ -662,11 +674,11 @@ def _read_exact(f: IO[bytes], view: memoryview, file: Path, error: ErrorType) ->
             n = f.readinto(view[filled:])  # type: ignore[attr-defined]
         except OSError as err:
             raise error(
-                f"cannot read {file}: {err.strerror or err}; check the disk and re-download it"
+                f"cannot read {file}: {err.strerror or err}: check the disk and re-download it"
             ) from err
         if not n:
             raise error(
-                f"{file.name} is truncated: it ended while reading a tensor; re-download or re-save it"
+                f"{file.name} is truncated: it ended while reading a tensor: re-download or re-save it"
             )
         filled += n
 
@@ -678,7 +690,7 @@ def load_tensor(info: TensorRef, *, error: ErrorType = FinetuneError) -> torch.T
     try:
         dtype = torch_dtype(info.dtype)
     except ValueError as err:
-        raise error(f"{info.file.name}: tensor {info.name}: {err}; re-save it as BF16, F16 or F32") from err
+        raise error(f"{info.file.name}: tensor {info.name}: {err}: re-save it as BF16, F16 or F32") from err
 
     if isinstance(info, ComputedTensor):
         value = info.compute()
@@ -690,7 +702,9 @@ def load_tensor(info: TensorRef, *, error: ErrorType = FinetuneError) -> torch.T
     if isinstance(info, BinTensorRef):
         value = _bin_cache.get(info.file, error).get(info.name)
         if not isinstance(value, torch.Tensor):
-            raise error(f"{info.file.name} no longer holds tensor {info.name}; it changed while hubsync ran")
+            raise error(
+                f"{info.file.name} no longer holds tensor {info.name}: it changed while hubsync ran; build again"
+            )
         # A copy, so that the caller neither writes through the mapping nor keeps the whole shard mapped.
         return value.detach().clone(memory_format=torch.contiguous_format)
 
@@ -945,7 +959,7 @@ def _write_failure(dest: Path, needed: int, written: int, err: OSError) -> Build
     """The error for a failed write of `needed` bytes to `dest`, of which `written` are there (and are about
     to be removed, which is why they count as free)."""
     if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return BuildError(f"cannot write {dest}: {err.strerror or err}; check the output folder")
+        return BuildError(f"cannot write {dest}: {err.strerror or err}: check the output folder")
     try:
         free = shutil.disk_usage(dest.parent).free + written
     except OSError:
@@ -1057,7 +1071,7 @@ def write_shard(
 
     size = dest.stat().st_size
     if size != total:
-        raise BuildError(f"{dest} is {size} bytes after writing, {total} were expected; rebuild it")
+        raise BuildError(f"{dest} is {size} bytes after writing, {total} were expected: rebuild it")
     if not reuse_template:
         _check_with_safetensors(dest, [e.name for e in entries], metadata)
     return digest.hexdigest()
@@ -1072,11 +1086,11 @@ def _check_with_safetensors(dest: Path, names: list[str], metadata: Mapping[str,
             stored_metadata = f.metadata()
     except SafetensorError as err:
         raise BuildError(
-            f"safetensors cannot read the shard hubsync wrote to {dest} ({err}); this is a bug"
+            f"safetensors cannot read the shard hubsync wrote to {dest} ({err}): this is a bug in hubsync, please report it"
         ) from err
     if sorted(keys) != sorted(names) or (stored_metadata or None) != (dict(metadata) if metadata else None):
         raise BuildError(
-            f"safetensors reads different tensors or metadata from {dest} than were written; this is a bug"
+            f"safetensors reads different tensors or metadata from {dest} than were written: this is a bug in hubsync, please report it"
         )
 
 
@@ -1164,7 +1178,9 @@ def copy_file(
             except OSError as err:
                 raise _write_failure(dst, size, os.fstat(out).st_size, err) from err
             if copied != size:
-                raise BuildError(f"copying {src} to {dst} stopped after {copied} of {size} bytes; copy again")
+                raise BuildError(
+                    f"copying {src} to {dst} stopped after {copied} of {size} bytes: build again"
+                )
         except BaseException:
             os.close(out)
             out = -1

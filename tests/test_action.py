@@ -35,6 +35,7 @@ from hubsync import __version__, ci
 from hubsync.testing.hub import DEFAULT_TOKEN, LocalHub
 from hubsync.testing.models import PublishedModel
 from tests.action_runner import ActionRun, ActionRunner, evaluate, expand, parse_command, read_file_command
+from tests.cli import run_cli
 from tests.fixtures_models import HUB_NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,14 +326,7 @@ def test_cli_in_actions_annotates_on_stderr_and_keeps_json_on_stdout(tmp_path: P
         "GITHUB_STEP_SUMMARY": str(tmp_path / "summary"),
     }
     env.pop("HUBSYNC_DEBUG", None)
-    bad = subprocess.run(
-        [sys.executable, "-m", "hubsync", "validate", "--json", str(manifest)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = run_cli("validate", "--json", str(manifest), env=env, timeout=120)
     assert bad.returncode == 2 and json.loads(bad.stdout)["valid"] is False
     assert (
         "::error file=m.yaml,line=2::finetune.pth: unknown key 'pth': did you mean `path`?"
@@ -341,14 +335,7 @@ def test_cli_in_actions_annotates_on_stderr_and_keeps_json_on_stdout(tmp_path: P
     manifest.write_text(
         "base: {repo: a/b@main}\nfinetune: {path: x}\noutput: {dir: o}\npush: {repo: my-org/m}\n"
     )
-    good = subprocess.run(
-        [sys.executable, "-m", "hubsync", "validate", "--json", str(manifest)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    good = run_cli("validate", "--json", str(manifest), env=env, timeout=120)
     assert good.returncode == 0 and json.loads(good.stdout)["valid"] is True
     assert read_file_command(outputs)["repo"] == "my-org/m"
 

@@ -259,7 +259,7 @@ def test_adapter_for_another_base_is_named(
     tmp_path: Path, native_lora: Path, remote_base_dir: Path, native_base_dir: Path
 ) -> None:
     expected = (
-        r"none of the 26 LoRA module\(s\) in .* lands on the base; check that `base` is the model the "
+        r"none of the 26 LoRA module\(s\) in .* lands on the base: check that `base` is the model the "
         r"adapter was trained on: .*the base has no model\.language_model\.layers\.0\.mlp\.down_proj\.weight"
     )
     with pytest.raises(FinetuneError, match=expected):
@@ -426,7 +426,7 @@ def test_deepspeed_checkpoint_without_deepspeed_gives_the_command(tmp_path: Path
         pytest.skip("deepspeed is installed: the checkpoint would be converted")
     run = tmp_path / "run"
     ckpt = make_deepspeed_checkpoint(run / "checkpoint-4")
-    out = ckpt / "hubsync-zero-to-fp32-global_step4"
+    out = ckpt.parent / "checkpoint-4-fp32"
     with pytest.raises(FinetuneError) as err:
         locate(_spec(run))
     assert f"run `python {ckpt}/zero_to_fp32.py {ckpt} {out} --safe_serialization`" in err.value.one_line()

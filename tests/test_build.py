@@ -19,6 +19,7 @@ from hubsync.errors import BuildError, HubsyncError, PlanError
 from hubsync.testing.models import PublishedModel
 from hubsync.verify import verify
 from hubsync.write import OutputLock
+from tests.cli import run_cli
 
 REMOTE_TUNED = ["vpm.", "resampler."]
 NATIVE_TUNED = ["vision_tower.", "multi_modal_projector."]
@@ -482,8 +483,8 @@ def test_undeclared_tuned_lists_changed_prefixes(
 @pytest.mark.parametrize(
     ("repo", "revision", "message"),
     [
-        ("my-org/does-not-exist", "main", "Base repo my-org/does-not-exist was not found: check `base.repo`"),
-        (None, "no-such-branch", "Revision 'no-such-branch' does not exist in"),
+        ("my-org/does-not-exist", "main", "base repo my-org/does-not-exist was not found: check `base.repo`"),
+        (None, "no-such-branch", "revision 'no-such-branch' does not exist in"),
     ],
 )
 def test_resolve_errors(
@@ -506,19 +507,16 @@ def test_resolve_errors(
 def test_gated_base(
     tmp_path: Path, hub: Any, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
-    import subprocess
-    import sys
 
     from hubsync.testing.hub import OTHER_TOKEN
 
     manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
     hub.set_gated(published_remote_base.repo_id, True)
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "hubsync", "plan", str(manifest)],
+        result = run_cli(
+            "plan",
+            str(manifest),
             env={**os.environ, **hub.client_env(tmp_path / "hf", token=OTHER_TOKEN)},
-            capture_output=True,
-            text=True,
             timeout=300,
         )
     finally:
@@ -526,27 +524,20 @@ def test_gated_base(
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"error: {published_remote_base.repo_id} is gated: accept its terms on the Hub "
-        "with your account, then set HF_TOKEN."
+        "with your account, then set HF_TOKEN"
     )
 
 
 def test_offline_build_from_cache_and_no_network(
     tmp_path: Path, hub: Any, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
-    import subprocess
-    import sys
 
     manifest = write_manifest(
         tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED, revision="main"
     )
     env = {**os.environ, **hub.client_env(tmp_path / "hf")}
-    run = lambda extra: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "hubsync", "-q", "build", "--no-verify", str(manifest)],
-        env={**env, **extra},
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
+    run = lambda extra: run_cli(  # noqa: E731
+        "-q", "build", "--no-verify", str(manifest), env={**env, **extra}, cwd=tmp_path
     )
     cold_offline = run({"HF_HUB_OFFLINE": "1"})
     assert cold_offline.returncode == 1
@@ -558,7 +549,7 @@ def test_offline_build_from_cache_and_no_network(
     unreachable = run({"HF_ENDPOINT": "http://127.0.0.1:9", **cold})
     assert unreachable.returncode == 1
     assert (
-        unreachable.stderr.startswith("error: Cannot reach the Hub to fetch")
+        unreachable.stderr.startswith("error: cannot reach the Hub to fetch")
         and "Traceback" not in unreachable.stderr
     )
 
@@ -652,14 +643,7 @@ def test_doctor_diagnoses_and_prints_a_manifest_that_builds(
     ):
         assert expected in result.stderr, expected
     (tmp_path / "manifest.yaml").write_text(result.stdout)
-    built = subprocess.run(
-        [sys.executable, "-m", "hubsync", "-q", "build", "manifest.yaml"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    built = run_cli("-q", "build", "manifest.yaml", env=env, cwd=tmp_path, timeout=300)
     assert built.returncode == 0, built.stderr
 
 
@@ -679,42 +663,22 @@ def test_pytorch_bin_fine_tune_builds(
 def test_plan_cli_table_and_json(
     tmp_path: Path, hub: Any, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
-    import subprocess
-    import sys
 
     manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
     env = {**os.environ, **hub.client_env(tmp_path / "hf")}
-    table = subprocess.run(
-        [sys.executable, "-m", "hubsync", "plan", str(manifest)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    table = run_cli("plan", str(manifest), env=env, timeout=300)
     assert table.returncode == 0, table.stderr
     assert (
         "model-00003-of-00003.safetensors  base       rewrite-shard  50 tuned tensor(s) from the fine-tune"
         in table.stdout
     )
     assert table.stdout.rstrip().endswith("ok: the plan breaks no rule")
-    as_json = subprocess.run(
-        [sys.executable, "-m", "hubsync", "plan", "--json", str(manifest)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    as_json = run_cli("plan", "--json", str(manifest), env=env, timeout=300)
     plan = json.loads(as_json.stdout)
     assert plan["base_sha"] == published_remote_base.sha and plan["problems"] == []
     assert {p["prefix"] for p in plan["prefixes"]} == set(REMOTE_TUNED)
     assert len([t for t in plan["tensors"] if t["source"] == "finetune"]) == 50
     assert not (tmp_path / "out").exists(), "plan must not write anything"
     broken = write_manifest(tmp_path, published_remote_base, remote_trainer_output, None, name="broken.yaml")
-    refused = subprocess.run(
-        [sys.executable, "-m", "hubsync", "plan", str(broken)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    refused = run_cli("plan", str(broken), env=env, timeout=300)
     assert refused.returncode == 1 and "! `finetune.tuned` is not declared" in refused.stdout

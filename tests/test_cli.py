@@ -7,24 +7,13 @@ import sys
 from pathlib import Path
 
 from hubsync import __version__
+from tests.cli import run_cli
 
 
 def run(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    import os
-
-    full_env = dict(os.environ)
-    full_env.pop("HUBSYNC_DEBUG", None)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "hubsync", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=120,
-    )
+    return run_cli(*args, extra_env=env, cwd=cwd, timeout=120)
 
 
 def test_help_lists_every_command() -> None:

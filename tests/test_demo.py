@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.cli import run_cli
 
 
 def test_demo_runs_the_whole_story_offline(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["HF_HUB_OFFLINE"] = "0"
-    result = subprocess.run(
-        [sys.executable, "-m", "hubsync", "demo", "--workdir", str(tmp_path / "demo")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    result = run_cli("demo", "--workdir", str(tmp_path / "demo"), env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "MiniCPMVTokenizerFast has no attribute tokenizer" in out and "<- the seed error" in out
@@ -27,27 +20,13 @@ def test_demo_runs_the_whole_story_offline(tmp_path: Path) -> None:
     assert "pushing again: already up to date" in out
     assert "base_model: my-org/tiny-minicpmv" in out and "base_model_relation: finetune" in out
     assert "chat() answered" in out and "done in" in out
-    again = subprocess.run(
-        [sys.executable, "-m", "hubsync", "demo", "--workdir", str(tmp_path / "demo")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    again = run_cli("demo", "--workdir", str(tmp_path / "demo"), env=env, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, "a second run replaces the demo folder"
     other = tmp_path / "not-a-demo"
     other.mkdir()
-    refused = subprocess.run(
-        [sys.executable, "-m", "hubsync", "demo", "--workdir", str(other)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    refused = run_cli("demo", "--workdir", str(other), env=env, timeout=600, cwd=tmp_path)
     assert refused.returncode == 1
     assert (
         refused.stderr.strip()
-        == f"error: {other} exists and is not a hubsync demo folder: pass another --workdir."
+        == f"error: {other} exists and is not a hubsync demo folder: pass another --workdir"
     )

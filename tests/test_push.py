@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from hubsync.push import push, status
 from hubsync.testing.hub import DEFAULT_TOKEN, OTHER_TOKEN, LocalHub
 from hubsync.testing.models import PublishedModel
 from hubsync.verify import verify
+from tests.cli import run_cli
 from tests.fixtures_hub import unique_repo_name
 from tests.test_build import REMOTE_TUNED, write_manifest
 
@@ -300,18 +300,12 @@ def test_status_reports_base_move_and_local_changes(
     assert moved["base"]["moved"] is True and moved["base"]["changed_files"] == ["config.json"]
 
 
-def run_cli(
+def hubsync(
     args: list[str], hub: LocalHub, tmp_path: Path, token: str | None = DEFAULT_TOKEN, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """The CLI against the session Hub, with a fresh HF_HOME and the given token."""
     env = {**os.environ, **hub.client_env(tmp_path / "hf-cli", token=token)}
-    return subprocess.run(
-        [sys.executable, "-m", "hubsync", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=cwd or tmp_path,
-        timeout=300,
-    )
+    return run_cli(*args, env=env, cwd=cwd or tmp_path)
 
 
 def test_cli_build_then_bare_push_and_token_errors(
@@ -325,30 +319,30 @@ def test_cli_build_then_bare_push_and_token_errors(
         REMOTE_TUNED,
         extra={"push": {"repo": repo_id}},
     )
-    built = run_cli(["-q", "build", str(manifest)], hub, tmp_path)
+    built = hubsync(["-q", "build", str(manifest)], hub, tmp_path)
     assert built.returncode == 0, built.stderr
-    missing = run_cli(["push"], hub, tmp_path, token=None)
+    missing = hubsync(["push"], hub, tmp_path, token=None)
     assert missing.returncode == 1
     assert (
         missing.stderr.strip()
-        == "error: no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`."
+        == "error: no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`"
     )
-    wrong = run_cli(["push"], hub, tmp_path, token="hf_wrong")
+    wrong = hubsync(["push"], hub, tmp_path, token="hf_wrong")
     assert (
         wrong.stderr.strip()
-        == "error: the Hugging Face token was refused (401): set HF_TOKEN to a valid write token."
+        == "error: the Hugging Face token was refused (401): set HF_TOKEN to a valid write token"
     )
-    other = run_cli(["push"], hub, tmp_path, token=OTHER_TOKEN)
+    other = hubsync(["push"], hub, tmp_path, token=OTHER_TOKEN)
     assert other.stderr.strip().startswith(
         f"error: you are logged in as other, who cannot write to {repo_id}"
     )
     for result in (missing, wrong, other):
         assert "Traceback" not in result.stderr and "hf_" not in result.stderr.replace("hf auth", "")
     assert not hub.repo_exists(repo_id)
-    pushed = run_cli(["push"], hub, tmp_path)
+    pushed = hubsync(["push"], hub, tmp_path)
     assert pushed.returncode == 0, pushed.stderr
     assert f"pushed {repo_id}@main" in pushed.stdout and "copied server-side from the base" in pushed.stdout
-    again = run_cli(["push"], hub, tmp_path)
+    again = hubsync(["push"], hub, tmp_path)
     assert "is already up to date" in again.stdout
     assert DEFAULT_TOKEN not in pushed.stdout + pushed.stderr + again.stdout + again.stderr
 
@@ -364,11 +358,11 @@ def test_unverified_build_is_refused_unless_skipped(
         REMOTE_TUNED,
         extra={"push": {"repo": repo_id}},
     )
-    assert run_cli(["-q", "build", "--no-verify", str(manifest)], hub, tmp_path).returncode == 0
-    refused = run_cli(["push", str(manifest)], hub, tmp_path)
+    assert hubsync(["-q", "build", "--no-verify", str(manifest)], hub, tmp_path).returncode == 0
+    refused = hubsync(["push", str(manifest)], hub, tmp_path)
     assert refused.returncode == 1 and "was never verified: run `hubsync verify" in refused.stderr
     assert not hub.repo_exists(repo_id)
-    forced = run_cli(["push", "--skip-verify-check", str(manifest)], hub, tmp_path)
+    forced = hubsync(["push", "--skip-verify-check", str(manifest)], hub, tmp_path)
     assert forced.returncode == 0, forced.stderr
     card = hub.list_files(repo_id)["README.md"]
     assert isinstance(card, bytes) and b"Published with `--skip-verify-check`" in card
@@ -379,7 +373,7 @@ def test_status_cli(
     tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
     manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
-    before = run_cli(["status", str(manifest)], hub, tmp_path)
+    before = hubsync(["status", str(manifest)], hub, tmp_path)
     assert before.returncode == 0, before.stderr
     assert f"remote  {repo_id}@main does not exist yet: `hubsync push` creates it" in before.stdout
     assert (
@@ -387,17 +381,16 @@ def test_status_cli(
         in before.stdout
     )
     push(manifest)
-    after = run_cli(["status", "--json", str(manifest)], hub, tmp_path)
+    after = hubsync(["status", "--json", str(manifest)], hub, tmp_path)
     data = json.loads(after.stdout)
     assert data["remote"]["in_sync"] is True and data["remote"]["head"] == hub.branch_head(repo_id)
-    env_offline = subprocess.run(
-        [sys.executable, "-m", "hubsync", "push", str(manifest)],
+    env_offline = run_cli(
+        "push",
+        str(manifest),
         env={**os.environ, **hub.client_env(tmp_path / "hf-off"), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert env_offline.returncode == 1
     assert env_offline.stderr.strip() == (
-        "error: HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE."
+        "error: HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE"
     )

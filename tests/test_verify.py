@@ -15,9 +15,10 @@ import torch
 from hubsync import tensors as T
 from hubsync.build import build
 from hubsync.errors import VerifyError
-from hubsync.testing.models import PublishedModel
 from hubsync.record import FileEntry, hash_files, load, save, verification_gate
+from hubsync.testing.models import PublishedModel
 from hubsync.verify import verify
+from tests.cli import run_cli
 from tests.test_build import REMOTE_TUNED, write_manifest
 
 
@@ -170,7 +171,7 @@ def test_index_entry_points_at_the_wrong_shard(copy: Path) -> None:
     found = failed(copy)
     assert found["weights readable"] == (
         "model.safetensors.index.json maps resampler.query to model-00001-of-00003.safetensors, which does not "
-        "hold it; regenerate the index"
+        "hold it: regenerate the index"
     )
 
 
@@ -203,27 +204,13 @@ def test_never_verified_blocks_the_gate(copy: Path) -> None:
 
 def test_verify_cli_json_and_exit_codes(copy: Path, hub: Any, tmp_path: Path) -> None:
     import os
-    import subprocess
-    import sys
 
     env = {**os.environ, **hub.client_env(tmp_path / "hf")}
-    good = subprocess.run(
-        [sys.executable, "-m", "hubsync", "verify", "--json", "--trust-remote-code", str(copy)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    good = run_cli("verify", "--json", "--trust-remote-code", str(copy), env=env, timeout=300)
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["passed"] is True
     (copy / "processing_minicpmv.py").unlink()
-    bad = subprocess.run(
-        [sys.executable, "-m", "hubsync", "verify", "--trust-remote-code", str(copy)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = run_cli("verify", "--trust-remote-code", str(copy), env=env, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: verification failed: files match hubsync.json: processing_minicpmv.py is missing"

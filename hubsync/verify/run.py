@@ -251,9 +251,12 @@ def _image(subject: Subject) -> Any:
 
     if subject.image is not None:
         return Image.open(subject.image).convert("RGB")
-    from hubsync.testing.models import make_test_image
+    import numpy as np
 
-    return make_test_image(seed=7)
+    ramp = np.linspace(0, 255, 40, dtype=np.float64)[None, :, None]
+    pixels = np.broadcast_to(ramp * np.array([1.0, 0.5, 0.25]), (32, 40, 3)).copy()
+    pixels[8:20, 10:24] = (200, 30, 90)  # a deterministic picture: a gradient and a rectangle
+    return Image.fromarray(pixels.round().astype(np.uint8), mode="RGB")
 
 
 @dataclass
