@@ -32,7 +32,13 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 OutputDtype = Literal["base", "bfloat16", "float16", "float32"]
 # (section, key) of every local path in a manifest: resolved against the manifest's folder when read.
-LOCAL_PATH_FIELDS = (("base", "path"), ("finetune", "path"), ("output", "dir"), ("verify", "image"))
+LOCAL_PATH_FIELDS = (
+    ("base", "path"),
+    ("finetune", "path"),
+    ("output", "dir"),
+    ("verify", "image"),
+    ("verify", "python"),
+)
 
 
 def _check_repo_id(value: str) -> str:
@@ -231,6 +237,19 @@ class VerifySpec(_Section):
     trust_remote_code: bool = Field(False, description="Allow the pinned base revision's own code to run.")
     prompt: str | None = Field(None, description="Smoke-test prompt for the generation check.")
     image: Path | None = Field(None, description="Smoke-test image; default: a generated one.")
+    python: Path | None = Field(
+        None,
+        description="The interpreter of the environment the model runs in (typically the training env's "
+        "bin/python, with its CUDA torch); relative to the manifest. Models are loaded only there.",
+    )
+    requirements: tuple[str, ...] | None = Field(
+        None,
+        description="pip requirements of a verification environment hubsync creates once and caches, e.g. "
+        "[transformers==4.40.0, torch==2.6.0, torchvision]. Neither this nor `python`: hubsync's own interpreter.",
+    )
+    timeout: int = Field(
+        3600, ge=60, description="Seconds one model may take to load and run before it is stopped."
+    )
 
     @field_validator("device")
     @classmethod
@@ -239,10 +258,37 @@ class VerifySpec(_Section):
             raise ValueError(f"'{value}' is not a device: use auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("image", mode="before")
+    @field_validator("image", "python", mode="before")
     @classmethod
-    def _image(cls, value: Any, info: ValidationInfo) -> Path | None:
+    def _local(cls, value: Any, info: ValidationInfo) -> Path | None:
         return None if value is None else _local_path(value, info)
+
+    @field_validator("requirements")
+    @classmethod
+    def _requirements(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(
+                "is empty: list pip requirements (e.g. [transformers==4.40.0, torch==2.6.0]) or leave it out"
+            )
+        for item in value:
+            if not item.strip():
+                raise ValueError("contains an empty requirement: remove it")
+            if item.strip().startswith("-"):
+                raise ValueError(
+                    f"'{item}' is a pip option, not a requirement: set pip options through PIP_* environment "
+                    "variables (e.g. PIP_INDEX_URL)"
+                )
+        return tuple(item.strip() for item in value)
+
+    @model_validator(mode="after")
+    def _one_runtime(self) -> VerifySpec:
+        if self.python is not None and self.requirements is not None:
+            raise ValueError(
+                "has both `python` and `requirements`: keep one (an existing env, or one hubsync makes)"
+            )
+        return self
 
 
 class PushSpec(_Section):

@@ -175,6 +175,18 @@ BAD = {
         "base: {path: b}\nfinetune: {path: f}\noutput: {dir: o}\npsuh: {repo: a/b}\n",
         "m.yaml:4: psuh: unknown key 'psuh': did you mean `push`?",
     ),
+    "two runtimes": (
+        "base: {path: b}\nfinetune: {path: f}\noutput: {dir: o}\nverify: {python: v/bin/python, requirements: [x]}\n",
+        "m.yaml:4: verify: has both `python` and `requirements`: keep one",
+    ),
+    "pip option as a requirement": (
+        "base: {path: b}\nfinetune: {path: f}\noutput: {dir: o}\nverify: {requirements: ['--index-url=x']}\n",
+        "m.yaml:4: verify.requirements: '--index-url=x' is a pip option, not a requirement: set pip options",
+    ),
+    "empty requirements": (
+        "base: {path: b}\nfinetune: {path: f}\noutput: {dir: o}\nverify: {requirements: []}\n",
+        "m.yaml:4: verify.requirements: is empty: list pip requirements",
+    ),
     "not yaml": ("base: [unclosed\n", "m.yaml:2: is not valid YAML"),
     "not a mapping": (
         "- a\n- b\n",
