@@ -41,7 +41,6 @@ MAX_FUNCTION_LINES = 80
 PENDING_SPLITS = {
     "hubsync.doctor.diagnose",
     "hubsync.tensors.write_shard",
-    "hubsync.testing.models.make_trainer_output",
     "hubsync.verify.run.check_tokenizer_and_processor",
     "hubsync.verify.run.run_model",
     "hubsync.verify.run.check_load_and_run",

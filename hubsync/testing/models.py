@@ -761,31 +761,14 @@ def make_trainer_output(
     if key_style not in ("checkpoint", "runtime"):
         raise ValueError(f"key_style must be 'checkpoint' or 'runtime', not {key_style!r}")
     target_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
     with _deterministic(seed):
         if remote:
             trained, tokenizer = _train_remote(base_dir, tuple(tune), steps)
         else:
             trained, tokenizer = _train_native(base_dir, tuple(tune), steps, key_style)
         if also_perturb is not None:
-            touched = [k for k in trained.state if k.startswith(also_perturb)]
-            if not touched:
-                raise ValueError(f"also_perturb={also_perturb!r} matches no tensor of the checkpoint")
-            generator = torch.Generator().manual_seed(seed + 1)
-            for key in touched:
-                noise = torch.randn(trained.state[key].shape, generator=generator)
-                trained.state[key] = trained.state[key] + 0.05 * noise
-
-    # The point of the fixture: the tuned tensors must differ from the base even after rounding to the
-    # base's dtype, or a rebuild could not tell the fine-tune from the base.
-    unchanged = [
-        k
-        for k in trained.tuned_keys
-        if torch.equal(trained.state[k].to(trained.base[k].dtype), trained.base[k])
-    ]
-    if unchanged:
-        raise RuntimeError(f"training left {len(unchanged)} tuned tensors equal to the base: {unchanged[:5]}")
-
+            _perturb(trained, also_perturb, seed)
+    _check_tuned_changed(trained)
     state = {key_prefix + k: v.to(target_dtype).contiguous() for k, v in trained.state.items()}
     shard_files = _write_shards(state, dest, _split_by_size(state, 2) if sharded else None)
     if stray_shard:
@@ -795,13 +778,54 @@ def make_trainer_output(
         stale = {key_prefix + k: trained.base[k].to(target_dtype).contiguous() for k in trained.tuned_keys}
         stray_name = f"model-00001-of-{len(shard_files) + 1:05d}.safetensors"
         save_file(stale, str(dest / stray_name), metadata={"format": "pt"})
-
     _write_trainer_config(base_dir, dest, remote=remote, base_repo_id=base_repo_id, dtype=dtype)
     if config_updates:
         config = json.loads((dest / "config.json").read_text())
         config.update(copy.deepcopy(dict(config_updates)))
         _write_json(dest / "config.json", config)
+    _save_trainer_tokenizer(tokenizer, base_dir, dest, remote=remote, base_repo_id=base_repo_id)
+    _write_trainer_leftovers(
+        dest,
+        trained,
+        steps=steps,
+        seed=seed,
+        dtype=dtype,
+        base_repo_id=base_repo_id,
+        tune_llm=also_perturb is not None,
+    )
+    return dest
 
+
+def _perturb(trained: _Trained, prefix: str, seed: int) -> None:
+    """Also change the tensors under `prefix` (a part that should have been frozen)."""
+    import torch
+
+    touched = [k for k in trained.state if k.startswith(prefix)]
+    if not touched:
+        raise ValueError(f"also_perturb={prefix!r} matches no tensor of the checkpoint")
+    generator = torch.Generator().manual_seed(seed + 1)
+    for key in touched:
+        noise = torch.randn(trained.state[key].shape, generator=generator)
+        trained.state[key] = trained.state[key] + 0.05 * noise
+
+
+def _check_tuned_changed(trained: _Trained) -> None:
+    """The point of the fixture: the tuned tensors must differ from the base even after rounding to the
+    base's dtype, or a rebuild could not tell the fine-tune from the base."""
+    import torch
+
+    unchanged = [
+        k
+        for k in trained.tuned_keys
+        if torch.equal(trained.state[k].to(trained.base[k].dtype), trained.base[k])
+    ]
+    if unchanged:
+        raise RuntimeError(f"training left {len(unchanged)} tuned tensors equal to the base: {unchanged[:5]}")
+
+
+def _save_trainer_tokenizer(
+    tokenizer: Any, base_dir: Path, dest: Path, *, remote: bool, base_repo_id: str
+) -> None:
     tokenizer.save_pretrained(dest)
     if remote:
         tokenizer_config_path = dest / "tokenizer_config.json"
@@ -809,6 +833,13 @@ def make_trainer_output(
         base_tokenizer_config = json.loads((base_dir / "tokenizer_config.json").read_text())
         tokenizer_config["auto_map"] = _rewrite_auto_map(base_tokenizer_config["auto_map"], base_repo_id)
         _write_json(tokenizer_config_path, tokenizer_config)
+
+
+def _write_trainer_leftovers(
+    dest: Path, trained: _Trained, *, steps: int, seed: int, dtype: str, base_repo_id: str, tune_llm: bool
+) -> None:
+    """training_args.bin and trainer_state.json, as the Trainer leaves them beside the weights."""
+    import torch
 
     # Plain types only, so that `torch.load(weights_only=True)` reads it back.
     torch.save(
@@ -821,12 +852,21 @@ def make_trainer_output(
             "bf16": dtype == "bfloat16",
             "fp16": dtype == "float16",
             "tune_vision": True,
-            "tune_llm": also_perturb is not None,
+            "tune_llm": tune_llm,
             "use_lora": False,
             "model_name_or_path": base_repo_id,
         },
         dest / "training_args.bin",
     )
+    log_history = [
+        {
+            "epoch": round((i + 1) / steps, 4),
+            "learning_rate": trained.learning_rate,
+            "loss": loss,
+            "step": i + 1,
+        }
+        for i, loss in enumerate(trained.losses)
+    ]
     _write_json(
         dest / "trainer_state.json",
         {
@@ -837,15 +877,7 @@ def make_trainer_output(
             "is_hyper_param_search": False,
             "is_local_process_zero": True,
             "is_world_process_zero": True,
-            "log_history": [
-                {
-                    "epoch": round((i + 1) / steps, 4),
-                    "learning_rate": trained.learning_rate,
-                    "loss": loss,
-                    "step": i + 1,
-                }
-                for i, loss in enumerate(trained.losses)
-            ],
+            "log_history": log_history,
             "logging_steps": 1,
             "max_steps": steps,
             "num_train_epochs": 1,
@@ -855,7 +887,6 @@ def make_trainer_output(
             "trial_params": None,
         },
     )
-    return dest
 
 
 def _write_trainer_config(base_dir: Path, dest: Path, *, remote: bool, base_repo_id: str, dtype: str) -> None:
