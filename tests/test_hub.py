@@ -284,6 +284,19 @@ def test_commit_refuses_unknown_lfs_object(hub: LocalHub, hf_api: HfApi, repo_na
     assert hub.commit_count(repo_id) == 1
 
 
+def test_commit_refuses_a_regular_file_above_10_mib(hub: LocalHub, hf_api: HfApi, repo_name: str) -> None:
+    repo_id = f"user/{repo_name}"
+    hf_api.create_repo(repo_id)
+    big = base64.b64encode(b"x" * (10 * 1024 * 1024 + 1)).decode()
+    lines = [
+        {"key": "header", "value": {"summary": "too big for git"}},
+        {"key": "file", "value": {"path": "big.txt", "content": big, "encoding": "base64"}},
+    ]
+    status, answer = _call(hub, "POST", f"/api/models/{repo_id}/commit/main", lines, ndjson=True)
+    assert status == 400 and "larger than 10 MiB" in answer["error"]
+    assert hub.commit_count(repo_id) == 1
+
+
 def test_range_requests_on_regular_files(hub: LocalHub, uploaded: tuple[str, str]) -> None:
     repo_id, sha = uploaded
     req = urllib.request.Request(

@@ -1967,6 +1967,12 @@ class LocalHub:
                 if value.get("encoding", "base64") != "base64":
                     raise _HttpError(400, f"Unsupported encoding {value.get('encoding')!r}")
                 data = base64.b64decode(value.get("content") or "")
+                if len(data) > LFS_SIZE_THRESHOLD:
+                    raise _HttpError(
+                        400,
+                        f"Your push was rejected because it contains files larger than 10 MiB ({clean}). "
+                        "Please use https://git-lfs.github.com/ to store large files.",
+                    )
                 self._store_bytes(data)
                 tree[clean] = _Entry.regular(data)
             elif key == "lfsFile":
