@@ -696,9 +696,11 @@ def _served(args: list[str]) -> Iterator[tuple[str, list[str]]]:
         assert proc.stdout is not None
         endpoint = proc.stdout.readline().strip()
         banner: list[str] = []
-        while not banner or "Ctrl-C" not in banner[-1]:
-            banner.append(proc.stdout.readline().strip())
-        assert endpoint.startswith("http://127.0.0.1:")
+        while line := proc.stdout.readline():  # until the banner's last line, or EOF if it died
+            banner.append(line.strip())
+            if "Ctrl-C" in line:
+                break
+        assert endpoint.startswith("http://127.0.0.1:") and "Ctrl-C" in banner[-1], banner
         yield endpoint, banner
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
