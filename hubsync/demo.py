@@ -41,7 +41,9 @@ def run_demo(workdir: Path) -> None:
     workdir = _prepare_workdir(workdir)
     from hubsync.testing.hub import LocalHub
 
-    hub = LocalHub(workdir / "hub").start()
+    # xet=True for now: push plans server-side copies of the base shards, which need a xetHash; drop it once push
+    # falls back to uploads for LFS-only files (issue 13, point 1).
+    hub = LocalHub(workdir / "hub", xet=True).start()
     try:
         # huggingface_hub reads these once, at import: set them before anything imports it.
         os.environ.update(hub.client_env(workdir / "hf-home"))

@@ -4,8 +4,12 @@ Tests and the demo run against it instead of huggingface.co. It speaks the subse
 ``huggingface_hub`` 2.4.0 uses for repos, refs, uploads (preupload, LFS batch, NDJSON commit) and downloads
 (revision, tree, resolve), with real git object hashing so commit ids and blob ids look like the Hub's.
 
-Stdlib only on purpose: test fixtures import this module *before* setting ``HF_ENDPOINT``, and the client reads
-that variable once, at import, so importing ``huggingface_hub`` here would pin the wrong endpoint.
+Nothing from huggingface_hub on purpose (the stdlib and PyYAML only): test fixtures import this module *before*
+setting ``HF_ENDPOINT``, and the client reads that variable once, at import, so importing ``huggingface_hub`` here
+would pin the wrong endpoint.
+
+It must never be more lenient than the real Hub: docs/hub-fidelity.md lists every known difference and which side
+is stricter. Run it by hand with ``python -m hubsync.testing.hub serve --root DIR``.
 
 Design notes:
 
@@ -17,11 +21,13 @@ Design notes:
   everything else, and every empty file, is "regular".
 * LFS objects are scoped to a repo: an object uploaded to repo A is not usable by a commit to repo B until it is
   uploaded there too or duplicated server-side. That keeps the cross-repo copy test honest.
-* ``xetHash``: the client's cross-repo ``CommitOperationCopy`` reads the source file's ``xetHash`` from
-  ``paths-info`` and refuses to copy without one. Downloads go through ``tree`` + ``resolve`` and switch to Xet
-  only when a tree entry or a ``resolve`` answer carries Xet data. So ``xetHash`` (a synthetic 64-hex id derived
-  from the sha256) is sent by ``paths-info`` only, never by ``tree`` or ``resolve``, and the duplicate endpoint
-  checks it against the sha256. Clients must still set ``HF_HUB_DISABLE_XET=1``, or uploads go to Xet.
+* File kinds. By default LFS files carry no ``xetHash`` anywhere, as repos uploaded before the Xet migration are
+  served; the client's cross-repo ``CommitOperationCopy`` then refuses to copy (``ValueError: ... has no xet
+  hash``) and the duplicate endpoint reports every such file as failed. ``LocalHub(xet=True)`` serves Xet-backed
+  files instead: a synthetic 64-hex ``xetHash`` (derived from the sha256) in ``paths-info``, which is all the copy
+  path reads. Even then no ``tree`` entry or ``resolve`` answer carries Xet data, because that would switch
+  downloads to Xet, which this emulator does not speak. Clients must set ``HF_HUB_DISABLE_XET=1``, or uploads go
+  to Xet.
 * State: content-addressed objects under ``root/objects`` and one JSON document per repo under ``root/repos``,
   written atomically, so a new ``LocalHub`` on the same root sees the same repos.
 """
@@ -37,30 +43,41 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
-if TYPE_CHECKING:  # annotations only: nothing but the stdlib is imported at run time
+import yaml
+
+if TYPE_CHECKING:  # annotations only
     from typing_extensions import Self
-from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __all__ = [
+    "BASE_MODEL_RELATIONS",
     "DEFAULT_TOKEN",
     "FAULT_KINDS",
+    "HUB_LICENSES",
     "LFS_SIZE_THRESHOLD",
     "OTHER_TOKEN",
+    "PIPELINE_TAGS",
     "ROUTES",
+    "TREE_PAGE_SIZE",
+    "GitIgnore",
     "LocalHub",
     "RequestRecord",
     "User",
+    "parse_card_data",
+    "validate_card",
 ]
 
 DEFAULT_TOKEN = "hf_user_token"
@@ -92,10 +109,14 @@ ROUTES: frozenset[str] = frozenset(
         "other",
     }
 )
-FAULT_KINDS: frozenset[str] = frozenset({"500", "503", "429", "drop", "slow"})
+# "apply-drop": do the request, then hang up without answering (a commit whose answer is lost);
+# "reject": the duplicate endpoint reports every file as failed, as it does across storage regions.
+FAULT_KINDS: frozenset[str] = frozenset({"500", "503", "429", "drop", "slow", "apply-drop", "reject"})
 
 # The real Hub sends files above 10 MB to LFS even when no .gitattributes pattern matches.
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
+# Entries per page of a tree listing; the Hub pages with a `Link: <...>; rel="next"` header.
+TREE_PAGE_SIZE = 1000
 _SIGNED_URL_TTL_S = 3600
 _REPO_TYPES = ("model", "dataset", "space")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -231,6 +252,20 @@ def _hash_tree(tree: dict[str, _Entry]) -> dict[str, str]:
 
     visit(root, "")
     return out
+
+
+def _encode_cursor(last_path: str) -> str:
+    # opaque to the client, as the Hub's cursor is: the listing resumes after this path
+    return base64.urlsafe_b64encode(last_path.encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    try:
+        return base64.urlsafe_b64decode(cursor.encode()).decode()
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _HttpError(400, f"Invalid cursor {cursor!r}") from err
 
 
 def _iso(ts: float) -> str:
@@ -388,82 +423,285 @@ def _matches_lfs(path: str, patterns: list[str]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# README front matter: a YAML subset, enough for model-card metadata (no PyYAML: stdlib only)
+# README metadata: what the Hub's YAML validation refuses (see docs/hub-fidelity.md for what it does not check)
+
+# The license ids the Hub accepts, in the order its own error message lists them (the message quoted in
+# huggingface/huggingface_hub#4218, 2026-05). `openmdw-1.1` (hub-docs#2520, 2026-06) is left out until the Hub's
+# validator is known to take it: a stricter emulator only costs a renamed license in a test.
+HUB_LICENSES: tuple[str, ...] = tuple(
+    """
+    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
+    bigcode-openrail-m afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc
+    cc0-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0
+    cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0
+    cdla-sharing-1.0 cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1
+    eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c
+    ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl openmdw-1.0 openrail++ osl-3.0 postgresql ofl-1.1 ncsa
+    unlicense zlib pddl lgpl-lr deepfloyd-if-license fair-noncommercial-research-license llama2 llama3 llama3.1
+    llama3.2 llama3.3 llama4 grok2-community gemma unknown other
+    """.split()  # noqa: SIM905
+)
+
+# The Hub's task ids (`PIPELINE_DATA` in huggingface.js, packages/tasks/src/pipelines.ts).
+PIPELINE_TAGS: tuple[str, ...] = tuple(
+    """
+    biology text-classification token-classification table-question-answering question-answering
+    zero-shot-classification translation summarization feature-extraction text-generation text2text-generation
+    fill-mask sentence-similarity text-to-speech text-to-audio automatic-speech-recognition audio-to-audio
+    audio-classification audio-text-to-text voice-activity-detection depth-estimation image-classification
+    object-detection image-segmentation text-to-image image-to-text image-to-image image-to-video
+    unconditional-image-generation video-classification reinforcement-learning robotics tabular-classification
+    tabular-regression tabular-to-text table-to-text multiple-choice text-ranking text-retrieval
+    time-series-forecasting text-to-video image-text-to-text visual-question-answering
+    document-question-answering zero-shot-image-classification graph-ml mask-generation
+    zero-shot-object-detection text-to-3d image-to-3d image-feature-extraction video-text-to-text
+    keypoint-detection visual-document-retrieval any-to-any other
+    """.split()  # noqa: SIM905
+)
+BASE_MODEL_RELATIONS: tuple[str, ...] = ("adapter", "merge", "quantized", "finetune")
+NO_METADATA_WARNING = (
+    "Empty or missing yaml metadata in repo card"
+    " (https://huggingface.co/docs/hub/model-cards#model-card-metadata)"
+)
+# huggingface_hub's own pattern for a README's front matter block
+_FRONT_MATTER = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+_LICENSE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
-def _yaml_scalar(text: str) -> Any:
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1].strip()
-        return [_yaml_scalar(part) for part in inner.split(",")] if inner else []
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    if text in ("", "~", "null", "Null", "NULL"):
-        return None
-    if text in ("true", "True", "TRUE"):
-        return True
-    if text in ("false", "False", "FALSE"):
-        return False
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; the Hub's YAML parser refuses them, so do we."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicated mapping key {key!r}", key_node.start_mark
+                )
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
-def _yaml_block(lines: list[str], i: int, indent: int) -> tuple[Any, int]:
-    if lines[i][indent:].startswith("-"):
-        items: list[Any] = []
-        while i < len(lines) and _indent(lines[i]) == indent and lines[i][indent:].startswith("-"):
-            item = lines[i][indent + 1 :].strip()
-            if not item:
-                value, i = _yaml_block(lines, i + 1, _indent(lines[i + 1]))
-            elif ":" in item and item[0] not in "'\"[":
-                # "- key: value" opens a mapping whose keys sit two columns right of the dash
-                lines[i] = " " * (indent + 2) + item
-                value, i = _yaml_block(lines, i, indent + 2)
-            else:
-                value, i = _yaml_scalar(item), i + 1
-            items.append(value)
-        return items, i
-    mapping: dict[str, Any] = {}
-    while i < len(lines) and _indent(lines[i]) == indent and not lines[i][indent:].startswith("-"):
-        key, sep, rest = lines[i].strip().partition(":")
-        if not sep:
-            raise ValueError(f"not a mapping line: {lines[i]!r}")
-        key = key.strip().strip("'\"")
-        i += 1
-        if rest.strip():
-            mapping[key] = _yaml_scalar(rest)
-        elif i < len(lines) and (
-            _indent(lines[i]) > indent or (_indent(lines[i]) == indent and lines[i][indent:].startswith("-"))
-        ):
-            mapping[key], i = _yaml_block(lines, i, _indent(lines[i]))
-        else:
-            mapping[key] = None
-    return mapping, i
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
+def _front_matter(readme: str) -> str | None:
+    match = _FRONT_MATTER.match(readme)
+    return match.group(2) if match else None
 
 
 def parse_card_data(readme: bytes) -> dict[str, Any] | None:
-    """The YAML front matter of a README as a dict, or None when absent or beyond the supported subset."""
-    text = readme.decode("utf-8", "replace")
-    lines = text.splitlines()
-    if not lines or lines[0].strip() != "---":
+    """The README's YAML front matter as a JSON-safe dict, or None when absent or not a valid mapping."""
+    block = _front_matter(readme.decode("utf-8", "replace"))
+    if block is None:
         return None
     try:
-        end = next(n for n in range(1, len(lines)) if lines[n].strip() == "---")
-        body = [ln for ln in lines[1:end] if ln.strip() and not ln.lstrip().startswith("#")]
-        if not body:
-            return {}
-        value, consumed = _yaml_block(body, 0, _indent(body[0]))
-    except (StopIteration, ValueError, IndexError):
+        data = yaml.load(block, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError:
         return None
-    return value if isinstance(value, dict) and consumed == len(body) else None
+    if data is None:
+        return {}
+    # dates and other YAML-only types become strings, as they do in the Hub's JSON
+    return json.loads(json.dumps(data, default=str)) if isinstance(data, dict) else None
+
+
+def validate_card(
+    readme: str, *, repo_type: str = "model", model_exists: Callable[[str], bool] = lambda _: True
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for a README's metadata, worded as the Hub words them.
+
+    `model_exists` says whether a `base_model` id names a model the caller can see: the emulator insists that it
+    does (docs/hub-fidelity.md). Dataset and Space cards get the YAML checks only.
+    """
+    block = _front_matter(readme)
+    if block is None:
+        return [], [NO_METADATA_WARNING]
+    try:
+        meta = yaml.load(block, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        return [f"Invalid YAML in README.md metadata: {' '.join(str(err).split())}"], []
+    if meta is None:
+        return [], [NO_METADATA_WARNING]
+    if not isinstance(meta, dict):
+        return ['"value" must be of type object'], []
+    if repo_type != "model":
+        return [], []
+    errors = [
+        *_license_errors(meta),
+        *_base_model_errors(meta, model_exists),
+        *_list_errors(meta, "tags", allow_string=False),
+        *_list_errors(meta, "datasets", allow_string=True),
+        *_list_errors(meta, "language", allow_string=True),
+        *_dataset_id_errors(meta),
+        *_one_of_errors(meta, "pipeline_tag", PIPELINE_TAGS),
+    ]
+    for key in ("library_name", "license_link"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(f'"{key}" must be a string')
+    return errors, []
+
+
+def _one_of_errors(meta: dict[str, Any], key: str, allowed: tuple[str, ...], extra: str = "") -> list[str]:
+    if key not in meta or meta[key] in allowed:
+        return []
+    return [f'"{key}" must be one of [{", ".join(allowed)}{extra}]']
+
+
+def _license_errors(meta: dict[str, Any]) -> list[str]:
+    if "license" not in meta:
+        return []
+    license_ = meta["license"]
+    if isinstance(license_, list):
+        errors = [*_one_of_items(license_, "license", HUB_LICENSES)]
+    else:
+        errors = _one_of_errors(meta, "license", HUB_LICENSES, extra=", array")
+    is_other = license_ == "other" or (isinstance(license_, list) and "other" in license_)
+    name = meta.get("license_name")
+    if is_other and name is None:
+        errors.append('"license_name" is required when "license" is "other"')
+    elif name is not None and (not isinstance(name, str) or not _LICENSE_NAME.match(name)):
+        errors.append(
+            f'"license_name" with value "{name}" fails to match the required pattern: {_LICENSE_NAME.pattern}'
+        )
+    return errors
+
+
+def _one_of_items(values: list[Any], key: str, allowed: tuple[str, ...]) -> list[str]:
+    return [
+        f'"{key}[{n}]" must be one of [{", ".join(allowed)}]'
+        for n, v in enumerate(values)
+        if v not in allowed
+    ]
+
+
+def _base_model_errors(meta: dict[str, Any], model_exists: Callable[[str], bool]) -> list[str]:
+    errors = _one_of_errors(meta, "base_model_relation", BASE_MODEL_RELATIONS)
+    if "base_model" not in meta:
+        if "base_model_relation" in meta:
+            errors.append('"base_model_relation" missing required peer "base_model"')
+        return errors
+    value = meta["base_model"]
+    if value in (None, "", []):
+        return [*errors, '"base_model" is not allowed to be empty']
+    if not isinstance(value, (str, list)):
+        return [*errors, '"base_model" must be one of [string, array]']
+    named = [("base_model", value)] if isinstance(value, str) else list(enumerate(value))
+    for label, repo_id in ((k if isinstance(k, str) else f"base_model[{k}]", v) for k, v in named):
+        if not isinstance(repo_id, str) or not repo_id:
+            errors.append(f'"{label}" must be a non-empty string')
+        elif not is_repo_id(repo_id) or not model_exists(repo_id):
+            errors.append(
+                f'"{label}" with value "{repo_id}" is not valid. Use a model id from https://hf.co/models.'
+            )
+    return errors
+
+
+def _list_errors(meta: dict[str, Any], key: str, *, allow_string: bool) -> list[str]:
+    if key not in meta or (allow_string and isinstance(meta[key], str)):
+        return []
+    value = meta[key]
+    if not isinstance(value, list):
+        return [f'"{key}" must be one of [string, array]' if allow_string else f'"{key}" must be an array']
+    return [f'"{key}[{n}]" must be a string' for n, item in enumerate(value) if not isinstance(item, str)]
+
+
+def _dataset_id_errors(meta: dict[str, Any]) -> list[str]:
+    value = meta.get("datasets")
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    hint = "If possible, use a dataset id from https://hf.co/datasets."
+    return [
+        f'"datasets[{n}]" with value "{item}" is not valid. {hint}'
+        for n, item in enumerate(items)
+        if isinstance(item, str) and not is_repo_id(item)
+    ]
+
+
+def is_repo_id(text: str) -> bool:
+    """huggingface_hub's rule for a repo id: `name` or `namespace/name`, word characters, `-` and `.`, <= 96."""
+    return (
+        len(text) <= 96
+        and bool(_REPO_ID.match(text))
+        and "--" not in text
+        and ".." not in text
+        and not any(part.startswith(("-", ".")) or part.endswith(("-", ".")) for part in text.split("/"))
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# .gitignore: the Hub answers `shouldIgnore` on preupload from the repo's (or the client's) .gitignore
+
+
+class GitIgnore:
+    """gitignore matching for the common patterns: `*.bin`, `dir/`, `!keep`, anchored `/x`, `**`, `[ab]`.
+
+    Last matching line wins; a file inside an ignored folder stays ignored whatever a later `!` line says, as in
+    git. Not handled: escaped trailing spaces, and a per-folder `.gitignore` below the root.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._rules: list[tuple[re.Pattern[str], bool, bool]] = []  # (regex, negated, folders only)
+        for raw in text.splitlines():
+            line = raw.rstrip()
+            if not line or line.startswith("#"):
+                continue
+            negated = line.startswith("!")
+            line = line[1:] if negated else line
+            line = line.removeprefix("\\")  # "\#", "\!": a literal first character
+            folders_only = line.endswith("/")
+            line = line.rstrip("/")
+            if line:
+                self._rules.append((_gitignore_regex(line), negated, folders_only))
+
+    def ignores(self, path: str) -> bool:
+        parts = path.strip("/").split("/")
+        if any(self._verdict("/".join(parts[:n]), folder=True) for n in range(1, len(parts))):
+            return True
+        return self._verdict("/".join(parts), folder=False)
+
+    def _verdict(self, path: str, *, folder: bool) -> bool:
+        ignored = False
+        for regex, negated, folders_only in self._rules:
+            if (folder or not folders_only) and regex.fullmatch(path):
+                ignored = not negated
+        return ignored
+
+
+def _gitignore_regex(pattern: str) -> re.Pattern[str]:
+    # a "/" at the start or in the middle anchors the pattern at the root; otherwise it matches at any depth
+    anchored = "/" in pattern
+    body = _glob_regex(pattern.lstrip("/"))
+    return re.compile(body if anchored else f"(?:.*/)?{body}")
+
+
+def _glob_regex(glob: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        at_segment_start = i == 0 or glob[i - 1] == "/"
+        if at_segment_start and glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif at_segment_start and glob[i:] == "**":
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and (end := glob.find("]", i + 2)) != -1:
+            inner = glob[i + 1 : end]
+            inner = "^" + inner[1:] if inner.startswith("!") else inner
+            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            i = end + 1
+        elif glob[i] == "\\" and i + 1 < len(glob):
+            out.append(re.escape(glob[i + 1]))
+            i += 2
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -511,12 +749,16 @@ class _Route:
 class _Request:
     """What an endpoint sees of one HTTP request."""
 
-    def __init__(self, handler: _Handler, method: str, query: dict[str, list[str]], route: _Route) -> None:
+    def __init__(
+        self, handler: _Handler, method: str, raw_path: str, query: dict[str, list[str]], route: _Route
+    ) -> None:
         self.handler = handler
         self.method = method
+        self.raw_path = raw_path  # still percent-encoded, as the client sent it
         self.query = query
         self.route = route
         self.headers = handler.headers
+        self.fault_kind: str | None = None  # an injected fault the endpoint itself plays ("reject")
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -660,39 +902,16 @@ class _Handler(BaseHTTPRequestHandler):
         route = hub._route(method, parts, self.server.is_cdn)
         self._route = route
         self._log_path = split.path
-        req = _Request(self, method, parse_qs(split.query, keep_blank_values=True), route)
+        req = _Request(self, method, split.path, parse_qs(split.query, keep_blank_values=True), route)
         try:
             fault = hub._take_fault(route.name)
-            if fault is not None and fault.kind == "slow":
-                time.sleep(fault.delay)
-                fault = None
-            if fault is not None and fault.kind != "drop":
-                for _ in self.body_chunks():
-                    pass
-                headers = {"Retry-After": str(fault.retry_after)} if fault.kind == "429" else {}
-                error = _HttpError(int(fault.kind), f"Injected {fault.kind} fault", None, headers)
-                self._write(method, hub._error_response(error))
+            if fault is not None and self._play_fault_before(method, fault):
                 return
-            if fault is not None and self._has_body():
-                # drop mid-upload: take about half of the payload, then hang up
-                expected = int(self.headers.get("Content-Length") or 0)
-                if expected:
-                    self._bytes_in += len(self.rfile.read(max(expected // 2, 1)))
-                else:
-                    next(self.body_chunks(), None)  # chunked: one chunk is "mid-body" enough
-                raise _Drop()
-            if fault is not None and method == "HEAD":
-                raise _Drop()
-            try:
-                if route.action is None:
-                    raise _HttpError(404, f"Not found: {method} {split.path}")
-                resp = route.action(req)
-            except _HttpError as err:
-                resp = hub._error_response(err)
-            # an endpoint that answered early must not leave body bytes to be parsed as the next request
-            for _ in self.body_chunks():
-                pass
-            self._write(method, resp, truncate=fault is not None)
+            req.fault_kind = fault.kind if fault is not None else None
+            resp = self._answer(method, req)
+            if fault is not None and fault.kind == "apply-drop":
+                raise _Drop()  # applied, but the client never hears of it
+            self._write(method, resp, truncate=fault is not None and fault.kind == "drop")
         except _Drop:
             self._log(0, self._bytes_out)  # before hanging up: the client moves on only once it sees EOF
             self.close_connection = True
@@ -712,6 +931,41 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if self._record is None:
                 self._log(0, self._bytes_out)
+
+    def _play_fault_before(self, method: str, fault: _Fault) -> bool:
+        """Play the part of `fault` that comes before the endpoint runs; True when it answered (or hung up)."""
+        if fault.kind == "slow":
+            time.sleep(fault.delay)
+        elif fault.kind in ("500", "503", "429"):
+            for _ in self.body_chunks():
+                pass
+            headers = {"Retry-After": str(fault.retry_after)} if fault.kind == "429" else {}
+            error = _HttpError(int(fault.kind), f"Injected {fault.kind} fault", None, headers)
+            self._write(method, self.server.hub._error_response(error))
+            return True
+        elif fault.kind == "drop" and self._has_body():
+            # drop mid-upload: take about half of the payload, then hang up
+            expected = int(self.headers.get("Content-Length") or 0)
+            if expected:
+                self._bytes_in += len(self.rfile.read(max(expected // 2, 1)))
+            else:
+                next(self.body_chunks(), None)  # chunked: one chunk is "mid-body" enough
+            raise _Drop()
+        elif fault.kind == "drop" and method == "HEAD":
+            raise _Drop()
+        return False
+
+    def _answer(self, method: str, req: _Request) -> _Response:
+        try:
+            if req.route.action is None:
+                raise _HttpError(404, f"Not found: {method} {req.raw_path}")
+            resp = req.route.action(req)
+        except _HttpError as err:
+            resp = self.server.hub._error_response(err)
+        # an endpoint that answered early must not leave body bytes to be parsed as the next request
+        for _ in self.body_chunks():
+            pass
+        return resp
 
     def _log(self, status: int, bytes_out: int) -> None:
         """Record this request, or correct its record if one was written already."""
@@ -761,7 +1015,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LocalHub:
-    """A Hub on two loopback ports (API + CDN) with state under `root`. Use as a context manager or start/stop."""
+    """A Hub on two loopback ports (API + CDN) with state under `root`. Use as a context manager or start/stop.
+
+    `xet`: serve LFS files as Xet-backed (with a `xetHash`, so server-side copies work) instead of as plain LFS
+    files from before the Xet migration. `tree_page_size`: entries per page of a tree listing. Both may be changed
+    on a running Hub; they apply to the next request.
+    """
 
     def __init__(
         self,
@@ -771,9 +1030,15 @@ class LocalHub:
         port: int = 0,
         cdn_port: int = 0,
         users: dict[str, User] | None = None,
+        xet: bool = False,
+        tree_page_size: int = TREE_PAGE_SIZE,
     ) -> None:
+        if tree_page_size < 1:
+            raise ValueError("tree_page_size must be at least 1")
         self.root = Path(root)
         self.users: dict[str, User] = dict(users) if users is not None else _default_users()
+        self.xet = xet
+        self.tree_page_size = tree_page_size
         self.log: list[RequestRecord] = []
         self._host = host
         self._port = port
@@ -889,12 +1154,16 @@ class LocalHub:
         """Fail the `nth` request of `route` from now on, and the `times - 1` after it.
 
         kind: "500" | "503" | "429" (with Retry-After) | "drop" (hang up; mid-body for payloads) | "slow" (sleep
-        `delay`, then answer normally).
+        `delay`, then answer normally) | "apply-drop" (do the request, e.g. apply a commit, then hang up without
+        answering) | "reject" (`lfs-duplicate` only: answer 200 with every file failed, as a duplicate across
+        storage regions is answered).
         """
         if route not in ROUTES:
             raise ValueError(f"Unknown route {route!r}; expected one of {sorted(ROUTES)}")
         if kind not in FAULT_KINDS:
             raise ValueError(f"Unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        if kind == "reject" and route != "lfs-duplicate":
+            raise ValueError('the "reject" fault is for the "lfs-duplicate" route only')
         if nth < 1 or times < 1:
             raise ValueError("nth and times count from 1")
         with self._lock:
@@ -1128,7 +1397,8 @@ class LocalHub:
 
     def _error_response(self, err: _HttpError) -> _Response:
         resp = _Response.json({"error": err.message}, err.status)
-        resp.headers["X-Error-Message"] = err.message.encode("latin-1", "replace").decode("latin-1")
+        if "\n" not in err.message:  # a header holds one line; the body carries the rest
+            resp.headers["X-Error-Message"] = err.message.encode("latin-1", "replace").decode("latin-1")
         if err.code:
             resp.headers["X-Error-Code"] = err.code
         resp.headers.update(err.headers)
@@ -1175,8 +1445,30 @@ class LocalHub:
         return _Response.json({"standardEnvVars": [], "harnesses": {}})
 
     def _validate_yaml(self, req: _Request) -> _Response:
-        req.body()
-        return _Response.json({"errors": [], "warnings": []})
+        payload = req.json()
+        content, repo_type = payload.get("content"), payload.get("repoType") or "model"
+        if not isinstance(content, str) or repo_type not in _REPO_TYPES:
+            raise _HttpError(400, '"content" must be a string and "repoType" one of [model, dataset, space]')
+        user = self._user(req)  # RepoCard.validate() sends no token: anonymous callers are answered too
+        errors, warnings = self._card_problems(user, content, str(repo_type))
+        status = 400 if errors else 200
+        if "text/plain" in (req.headers.get("Accept") or ""):
+            # RepoCard.validate() asks for text and raises ValueError(response.text) on a 400
+            text = "\n".join(errors or warnings)
+            return _Response(status, {"Content-Type": "text/plain; charset=utf-8"}, text.encode())
+        # otherwise JSON, errors or not: HfApi parses the body before it looks at the status
+        body = {"errors": [{"message": m} for m in errors], "warnings": [{"message": m} for m in warnings]}
+        return _Response.json(body, status)
+
+    def _card_problems(self, user: User | None, readme: str, repo_type: str) -> tuple[list[str], list[str]]:
+        def model_exists(repo_id: str) -> bool:
+            with self._lock:
+                repo = self._load("model", repo_id)
+            return repo is not None and (
+                not repo.private or (user is not None and user.can_write(repo.namespace))
+            )
+
+        return validate_card(readme, repo_type=repo_type, model_exists=model_exists)
 
     # -- repo lifecycle ---------------------------------------------------------------------------------------
 
@@ -1296,6 +1588,7 @@ class LocalHub:
         rev, base = req.route.args
         base = base.strip("/")
         recursive = req.flag("recursive")
+        after = _decode_cursor(req.param("cursor"))
         with self._lock:
             repo = self._readable(req)
             self._check_gate(req, repo)
@@ -1315,7 +1608,18 @@ class LocalHub:
             if path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :]):
                 entries.append(self._tree_entry(path, entry))
         entries.sort(key=lambda e: e["path"])
-        return _Response.json(entries)
+        return self._page(req, [e for e in entries if after is None or e["path"] > after])
+
+    def _page(self, req: _Request, entries: list[dict[str, Any]]) -> _Response:
+        """The first page of `entries`, with a `Link: <...>; rel="next"` to the rest, as the Hub pages."""
+        size = self.tree_page_size
+        resp = _Response.json(entries[:size])
+        if len(entries) > size:
+            # the client follows the link as it is: it must carry every parameter of the request
+            query = [(k, v) for k, values in req.query.items() if k != "cursor" for v in values]
+            query.append(("cursor", _encode_cursor(entries[size - 1]["path"])))
+            resp.headers["Link"] = f'<{self.endpoint}{req.raw_path}?{urlencode(query)}>; rel="next"'
+        return resp
 
     def _paths_info(self, req: _Request) -> _Response:
         rev = req.route.args[0]
@@ -1333,7 +1637,7 @@ class LocalHub:
             path = path.strip("/")
             if path in commit.tree:
                 # xetHash here only: the cross-repo copy needs it, downloads never read paths-info
-                out.append(self._tree_entry(path, commit.tree[path], with_xet=True))
+                out.append(self._tree_entry(path, commit.tree[path], with_xet=self.xet))
             elif path in tree_ids:
                 out.append({"type": "directory", "oid": tree_ids[path], "size": 0, "path": path})
         return _Response.json(out)
@@ -1444,6 +1748,7 @@ class LocalHub:
             attrs = commit.tree.get(".gitattributes")
             attrs_bytes = self._object_path(attrs.sha256).read_bytes() if attrs and not attrs.lfs else None
         patterns = _lfs_patterns(attrs_bytes)
+        ignore = self._gitignore(payload, commit)
         files = []
         for item in payload.get("files") or []:
             path, size = str(item.get("path")), int(item.get("size") or 0)
@@ -1451,7 +1756,7 @@ class LocalHub:
             answer: dict[str, Any] = {
                 "path": path,
                 "uploadMode": "lfs" if lfs else "regular",
-                "shouldIgnore": False,
+                "shouldIgnore": ignore is not None and ignore.ignores(path),
             }
             current = commit.tree.get(path)
             if current is not None:
@@ -1459,6 +1764,16 @@ class LocalHub:
                 answer["oid"] = current.sha256 if current.lfs else current.blob
             files.append(answer)
         return _Response.json({"files": files, "commitOid": commit.id})
+
+    def _gitignore(self, payload: dict[str, Any], commit: _Commit) -> GitIgnore | None:
+        """The client's `gitIgnore` (it sends one when the commit adds a .gitignore), else the revision's."""
+        text = payload.get("gitIgnore")
+        if not isinstance(text, str):
+            entry = commit.tree.get(".gitignore")
+            if entry is None or entry.lfs:
+                return None
+            text = self._object_path(entry.sha256).read_bytes().decode("utf-8", "replace")
+        return GitIgnore(text)
 
     def _lfs_batch(self, req: _Request) -> _Response:
         payload = req.json()
@@ -1553,17 +1868,31 @@ class LocalHub:
         failed = []
         with self._lock:
             source = self._readable(req)
+            self._check_gate(req, source)
             target = self._writable(req, target_type, target_id)
             for item in payload.get("files") or []:
                 sha256 = str(item.get("sha256"))
-                if sha256 not in source.lfs_oids or not self._has_object(sha256):
-                    failed.append({"sha256": sha256, "error": "Object not found in the source repo"})
-                elif item.get("xetHash") != xet_hash_for(sha256):
-                    failed.append({"sha256": sha256, "error": "xetHash does not match sha256"})
-                else:
+                reason = self._duplicate_refusal(source, item, rejected=req.fault_kind == "reject")
+                if reason is None:
                     target.lfs_oids.add(sha256)
+                else:
+                    failed.append({"sha256": sha256, "error": reason})
             self._save(target)
+        # partial failures are a 200 listing them: the client raises FileDuplicationError on a non-empty list
         return _Response.json({"failed": failed})
+
+    def _duplicate_refusal(self, source: _Repo, item: dict[str, Any], *, rejected: bool) -> str | None:
+        """Why the Hub would not duplicate this file server-side, or None when it would."""
+        sha256 = str(item.get("sha256"))
+        if rejected:
+            return "Files cannot be duplicated between these storage regions"
+        if not self.xet:
+            return "File has no xet hash: it is stored in LFS, not in Xet storage"
+        if sha256 not in source.lfs_oids or not self._has_object(sha256):
+            return "Object not found in the source repo"
+        if item.get("xetHash") != xet_hash_for(sha256):
+            return "xetHash does not match sha256"
+        return None
 
     def _commit(self, req: _Request) -> _Response:
         lines = [json.loads(line) for line in req.body().splitlines() if line.strip()]
@@ -1595,6 +1924,7 @@ class LocalHub:
                 _hash_tree(tree)
             except _PathClash as err:
                 raise _HttpError(400, str(err)) from err
+            self._check_card(user, repo, repo.commits[head].tree, tree)
             assert user is not None  # _writable checked it
             commit = _Commit.create(tree, [head], title, str(header.get("description") or ""), user.name)
             repo.commits[commit.id] = commit
@@ -1613,6 +1943,18 @@ class LocalHub:
             self._save(repo)
         return _Response.json(answer)
 
+    def _check_card(
+        self, user: User | None, repo: _Repo, before: dict[str, _Entry], after: dict[str, _Entry]
+    ) -> None:
+        """Refuse a commit that adds or changes README.md with metadata the Hub refuses, as the Hub does."""
+        readme = after.get("README.md")
+        if readme is None or readme == before.get("README.md") or readme.lfs:
+            return
+        text = self._object_path(readme.sha256).read_bytes().decode("utf-8", "replace")
+        errors, _ = self._card_problems(user, text, repo.type)
+        if errors:
+            raise _HttpError(400, "\n".join(errors))
+
     def _apply(self, repo: _Repo, tree: dict[str, _Entry], ops: list[dict[str, Any]]) -> dict[str, _Entry]:
         """`tree` after the commit's operations; raises before anything is stored but content objects."""
         for op in ops:
@@ -1625,6 +1967,12 @@ class LocalHub:
                 if value.get("encoding", "base64") != "base64":
                     raise _HttpError(400, f"Unsupported encoding {value.get('encoding')!r}")
                 data = base64.b64decode(value.get("content") or "")
+                if len(data) > LFS_SIZE_THRESHOLD:
+                    raise _HttpError(
+                        400,
+                        f"Your push was rejected because it contains files larger than 10 MiB ({clean}). "
+                        "Please use https://git-lfs.github.com/ to store large files.",
+                    )
                 self._store_bytes(data)
                 tree[clean] = _Entry.regular(data)
             elif key == "lfsFile":
@@ -1709,24 +2057,95 @@ class LocalHub:
         return _Response.json({})
 
 
-def main(argv: list[str] | None = None) -> int:
+# --------------------------------------------------------------------------------------------------------------
+# Running it by hand: python -m hubsync.testing.hub serve --root DIR [--port N] [--xet]
+
+
+def serve_env(hub: LocalHub, hf_home: Path) -> dict[str, str]:
+    """What a shell must export for huggingface_hub (and hubsync) to use `hub`, in the order to print it."""
+    return {
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_DISABLE_XET": "1",  # else every upload goes to Xet, which this Hub does not speak
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_TOKEN": DEFAULT_TOKEN,
+        "HF_HOME": str(hf_home),
+    }
+
+
+def _banner(hub: LocalHub, hf_home: Path) -> str:
+    kind = "Xet-backed files (xetHash: server-side copies work)" if hub.xet else "LFS-only files (no xetHash)"
+    exports = "\n".join(f"export {name}={value}" for name, value in serve_env(hub, hf_home).items())
+    users = ", ".join(
+        f"{token} = {u.name}" + (f" (orgs: {', '.join(u.orgs)})" if u.orgs else "")
+        for token, u in hub.users.items()
+    )
+    return (
+        f"# local Hub on {hub.endpoint} (LFS bytes on {hub.cdn_endpoint}), state in {hub.root}, {kind}\n"
+        "# in the shell that runs huggingface_hub or hubsync, before anything imports huggingface_hub:\n"
+        f"{exports}\n"
+        "# HF_HOME: a cache of its own, so that this Hub's files never mix with huggingface.co's\n"
+        f"# tokens: {users}\n"
+        f"# Ctrl-C stops it; `serve --root {hub.root}` again brings the same repos back"
+    )
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hubsync.testing.hub", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="folder holding the emulator's state")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="API port (0: any free port)")
-    parser.add_argument("--cdn-port", type=int, default=0, help="port serving LFS bytes (0: any free port)")
-    args = parser.parse_args(argv)
-    hub = LocalHub(args.root, host=args.host, port=args.port, cdn_port=args.cdn_port).start()
-    print(hub.endpoint, flush=True)
-    print(f"# cdn: {hub.cdn_endpoint}  root: {hub.root}", flush=True)
-    print(f"# export HF_ENDPOINT={hub.endpoint} HF_HUB_DISABLE_XET=1 HF_TOKEN={DEFAULT_TOKEN}", flush=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the Hub until Ctrl-C; state stays on disk under --root")
+    serve.add_argument(
+        "--root", type=Path, required=True, help="folder holding the Hub's state (created if new)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0, help="API port (default 0: any free port)")
+    serve.add_argument(
+        "--cdn-port", type=int, default=0, help="port serving LFS bytes (default 0: any free port)"
+    )
+    serve.add_argument("--xet", action="store_true", help="serve Xet-backed files (server-side copies work)")
+    serve.add_argument(
+        "--tree-page-size", type=int, default=TREE_PAGE_SIZE, help="entries per tree listing page"
+    )
+    serve.add_argument("--hf-home", type=Path, help="HF_HOME to print (default: ROOT/hf-home)")
+    # `python -m hubsync.testing.hub --root DIR`, the shape before `serve` existed, still works
+    return parser.parse_args(argv if argv[:1] in (["serve"], ["-h"], ["--help"]) else ["serve", *argv])
+
+
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    root = args.root.resolve()
+    try:
+        hub = LocalHub(
+            root,
+            host=args.host,
+            port=args.port,
+            cdn_port=args.cdn_port,
+            xet=args.xet,
+            tree_page_size=args.tree_page_size,
+        ).start()
+    except (OSError, ValueError) as err:
+        print(
+            f"cannot start the local Hub: {err}: choose another --port/--cdn-port or --root", file=sys.stderr
+        )
+        return 2
+    print(hub.endpoint, flush=True)  # first line alone, for scripts
+    print(_banner(hub, (args.hf_home or root / "hf-home").resolve()), flush=True)
+    try:
+        _wait_for_stop()
     finally:
         hub.stop()
+    print("# local Hub stopped", flush=True)
     return 0
 
 
