@@ -251,26 +251,15 @@ def _create_venv(folder: Path, requirements: tuple[str, ...], label: str, stream
         flush=True,
     )
     start = time.monotonic()
-    uv = shutil.which("uv")
-    if installer == "uv" and uv:
-        steps = [
-            [uv, "venv", "--python", sys.executable, str(folder)],
-            [uv, "pip", "install", "--python", str(venv_python(folder)), *requirements],
-        ]
-        env = _uv_environment()
-    else:
-        steps = [
-            [sys.executable, "-m", "venv", str(folder)],
-            [str(venv_python(folder)), "-m", "pip", "install", *requirements],
-        ]
-        env = dict(os.environ)  # pip reads its own PIP_* variables and configuration files
-    for command in steps:
+    commands, env = _install_commands(folder, requirements, installer)
+    for name, command in commands:
         code, last = _stream(command, env, stream)
         if code != 0:
             shutil.rmtree(folder, ignore_errors=True)
             raise VerifyError(
-                f"could not create {label}: `{' '.join(command[:4])} ...` exited with {code} ({last}); "
-                "fix the requirements (pip's output is above) or set verify.python to an environment that has them."
+                f"could not create the venv for {label}: {name} exited with {code} ({last}); fix the "
+                "requirements (the installer's output is above) or set verify.python to an environment "
+                "that has them."
             )
     versions = probe(venv_python(folder), label)
     try:
@@ -285,6 +274,24 @@ def _create_venv(folder: Path, requirements: tuple[str, ...], label: str, stream
     tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MARKER)
     print(f"hubsync: {label} ready in {time.monotonic() - start:.0f} s", file=stream, flush=True)
+
+
+def _install_commands(
+    folder: Path, requirements: tuple[str, ...], installer: str
+) -> tuple[list[tuple[str, list[str]]], dict[str, str]]:
+    """The commands that make the venv and install into it, and their environment."""
+    python = str(venv_python(folder))
+    uv = shutil.which("uv")
+    if installer == "uv" and uv:
+        return [
+            ("uv venv", [uv, "venv", "--python", sys.executable, str(folder)]),
+            ("uv pip install", [uv, "pip", "install", "--python", python, *requirements]),
+        ], _uv_environment()
+    # pip reads its own PIP_* variables and configuration files from the inherited environment
+    return [
+        ("python -m venv", [sys.executable, "-m", "venv", str(folder)]),
+        ("pip install", [python, "-m", "pip", "install", *requirements]),
+    ], dict(os.environ)
 
 
 def _installer(label: str) -> str:
