@@ -27,7 +27,9 @@ from hubsync.errors import VerifyError
 from hubsync.testing.broken_models import (
     MISSING_MODULE,
     make_crashing_model,
+    make_legacy_only_model,
     make_llava_without_image_placeholder,
+    make_model_with_lossy_tokenizer,
     make_model_with_missing_import,
 )
 from hubsync.testing.models import NATIVE_VISION_PREFIXES, REMOTE_VISION_PREFIXES
@@ -243,6 +245,35 @@ def test_preflight_names_a_module_the_code_imports_but_the_runtime_lacks(
         "ok": None,
         "skipped": "the model's code imports modules this runtime lacks",
     }
+
+
+def test_code_written_for_transformers_4_does_not_load_here(
+    current: Runtime, remote_build: Path, tmp_path: Path
+) -> None:
+    """The MiniCPM-Llama3-V 2.5 failure: its model class never calls post_init(). (It loads under 4.x: see the
+    transformers 4 test.)"""
+    folder = make_legacy_only_model(remote_build, tmp_path / "model")
+    result = run(current, folder, tmp_path / "run")
+    assert result.step("load")["ok"] is False
+    assert (
+        result.step("load")["error"]
+        == "AttributeError: 'MiniCPMV' object has no attribute 'all_tied_weights_keys'"
+    )
+    assert result.step("text_forward") == {"ok": None, "skipped": "the model did not load"}
+
+
+def test_a_tokenizer_rebuilt_without_its_merges_disagrees_with_tokenizer_json(
+    current: Runtime, remote_build: Path, tmp_path: Path
+) -> None:
+    """transformers 5 rebuilds a remote tokenizer class with its own __init__ from the bare vocabulary."""
+    folder = make_model_with_lossy_tokenizer(remote_build, tmp_path / "model")
+    result = run(current, folder, tmp_path / "run", generate=False)
+    tokenizer = result.step("tokenizer")
+    assert tokenizer["ok"] is True  # it loads and encodes: only the reference shows it is wrong
+    assert tokenizer["agrees_with_reference"] is False and tokenizer["roundtrip"] is False
+    reference = tokenizer["reference"]["ids"]
+    assert len(tokenizer["ids_plain"]) > 2 * len(reference)  # characters instead of merged tokens
+    assert tokenizer["decoded"].startswith("D e s c r i b e")
 
 
 # -------------------------------------------------------------------------------------------------- LLaVA
@@ -473,9 +504,21 @@ def test_the_look_alike_runs_under_transformers_4(
     runs = {
         "base": run(legacy, remote_base_dir, tmp_path / "base", generate=False),
         "build": run(legacy, remote_build, tmp_path / "build"),
+        # code that transformers 5 cannot load (see test_code_written_for_transformers_4_does_not_load_here)
+        "legacy-only": run(legacy, make_legacy_only_model(remote_build, tmp_path / "legacy"), tmp_path / "l"),
+        # the tokenizer transformers 5 rebuilds without merges is read from tokenizer.json as it is by 4.x
+        "tokenizer": run(
+            legacy,
+            make_model_with_lossy_tokenizer(remote_build, tmp_path / "tok"),
+            tmp_path / "t",
+            generate=False,
+        ),
     }
     assert_every_step_passed(runs["base"], skipped=("generate",))
     assert_every_step_passed(runs["build"])
+    assert_every_step_passed(runs["legacy-only"])
+    assert_every_step_passed(runs["tokenizer"], skipped=("generate",))
+    assert runs["tokenizer"].step("tokenizer")["agrees_with_reference"] is True
     assert runs["build"].step("runtime")["transformers"] == "4.46.3"
     assert runs["build"].step("load")["via"] == "auto_map:AutoModelForCausalLM"
     assert runs["build"].step("generate")["text"].strip()

@@ -354,18 +354,22 @@ def _import_problems(module: str, names: tuple[str, ...]) -> list[tuple[str, str
 
 
 def _name_problem(imported: Any, module: str, name: str) -> str | None:
-    """Why `from module import name` fails, or None: an attribute (a lazy one may fail to import) or else a
-    submodule."""
+    """Why `from module import name` fails, or None. A lazy attribute (transformers') fails with what its
+    import raised; a name that is not an attribute may still be a submodule."""
     try:
         getattr(imported, name)
         return None
-    except Exception as err:  # noqa: BLE001 - lazy attributes raise what their import raises
-        first = one_line(err)
+    except AttributeError as err:
+        absent = one_line(err)
+    except Exception as err:  # noqa: BLE001 - the lazy import behind the attribute failed: that is the cause
+        return one_line(err)
     try:
         importlib.import_module(f"{module}.{name}")
         return None
+    except ModuleNotFoundError:
+        return absent
     except Exception as err:  # noqa: BLE001
-        return one_line(err) if isinstance(err, ModuleNotFoundError) else first
+        return one_line(err)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
