@@ -26,13 +26,15 @@ Request (a JSON object; only `protocol` and `folder` are required):
     generate          run the generation step; default true
     max_memory        null, or an accelerate budget ({"cpu": "200MB", "0": "20GiB"}): forces
                       device_map="auto" with that budget (CPU and disk offload)
-    offload_dir       where offloaded weights go; default: a temporary folder, removed at the end
+    offload_dir       where offloaded weights go; default: a temporary folder beside the result file, removed
+                      at the end (as is the temporary modules cache the model's code is copied into)
     outputs_dir       where arrays are written (.npy, float32); default: "outputs" beside the result file
 
 Result (a JSON object):
     protocol          1
     finished          true once every step has been attempted (false: the worker died or is running)
     running           the step in progress (after a crash: the step that crashed), or null
+    error             only when the request itself was refused ("bad request: ..."); no step ran
     steps             {name: record}, in this order: runtime, preflight, tokenizer, processor, load,
                       text_forward, image_forward, generate. Every record has
                         ok       true (done), false (failed: see error), null (not attempted: see skipped)
@@ -44,25 +46,30 @@ Result (a JSON object):
                       and its facts:
         runtime       python, executable, torch, transformers, tokenizers, cuda (bool), cuda_device (name or
                       null), modules {numpy, PIL, accelerate, torchvision, sentencepiece: version or null}
-        preflight     files (the .py files read), checked (modules tried), missing [{module, files, error}];
+        preflight     files (the .py files read), checked (modules tried), missing [{module, files, error}]
+                      (`module` may be `package.name` for a `from package import name` that fails);
                       ok is false when anything is missing, and no later step runs
         tokenizer     class, ids (with special tokens), ids_plain (without), decoded (ids_plain decoded,
                       special tokens skipped), roundtrip (decoded == sample_text, ignoring outer spaces),
                       reference {source: "tokenizer.json" | "tokenizer.model" | "vocab.json+merges.txt" |
-                      null, ids, reason (when source is null), error}, agrees_with_reference (bool or null)
+                      null, ids, reason (when source is null), error}, agrees_with_reference (ids_plain ==
+                      reference ids; null without a reference)
         processor     class, is_processor (a processor with a tokenizer, not a bare tokenizer),
-                      processor_files (the folder has preprocessor_config.json / processor_config.json),
+                      processor_files (which of preprocessor_config.json / processor_config.json exist),
                       image_token, chat_template {source: "processor" | "tokenizer" | null, renders (bool),
                       rendered, error}
-        load          class, via ("architectures" | "auto_map:<AutoClass>" | "<AutoClass>"), dtype, device,
-                      missing_keys, unexpected_keys, mismatched_keys (lists of strings),
-                      device_map (null, or {module: device}), device_counts ({device: modules})
-        text_forward  via ("model" | "<attribute of the inner language model>"), logits (file name in
+        load          class, via ("auto_map:<AutoClass>" | "architectures" | "auto": AutoModelForImageTextToText,
+                      then AutoModelForVision2Seq, then AutoModel), dtype, device, missing_keys,
+                      unexpected_keys, mismatched_keys (lists of strings), max_memory (the budget, when
+                      spread), device_map (null, or {module: "cpu" | "disk" | GPU index}), device_counts
+                      ({device: modules}; {device: 1} when the whole model is on one device)
+        text_forward  via ("model" | the inner language model's attribute, e.g. "llm"), logits (file name in
                       outputs_dir), shape, first_error (the full model's error when the inner model was used)
-        image_forward via ("chat" | "processor"), prompt (the text given to the processor), placeholder,
-                      placeholder_added, logits (file or null), liveness {prefix: {checkpoint_tensors,
-                      unmatched_tensors, modules: [{name, ran, calls, output, shape, partial}], reason}}
-        generate      via ("chat" | "generate"), text, new_tokens
+        image_forward via ("chat" | "processor"), prompt, placeholder, placeholder_added (processor only),
+                      logits, logits_shape (processor only), liveness {prefix: {checkpoint_tensors,
+                      unmatched_tensors, modules: [{name, partial, ran, calls, output (file or null), shape}],
+                      reason (when modules is empty)}}; skipped when there is no processor and no chat()
+        generate      via ("chat" | "generate"), text, new_tokens (generate only)
 """
 
 from __future__ import annotations
@@ -230,7 +237,8 @@ class Request:
         self.generate = bool(data.get("generate", True))
         self.max_memory: dict[str, Any] | None = data.get("max_memory")
         self.offload_dir: str | None = data.get("offload_dir")
-        default_outputs = os.path.join(os.path.dirname(os.path.abspath(result_path)), "outputs")
+        self.scratch = os.path.dirname(os.path.abspath(result_path))  # temporary folders go here
+        default_outputs = os.path.join(self.scratch, "outputs")
         self.outputs_dir = os.path.abspath(str(data.get("outputs_dir") or default_outputs))
 
 
@@ -667,7 +675,7 @@ def _offload_dir(request: Request) -> str:
     if request.offload_dir:
         os.makedirs(request.offload_dir, exist_ok=True)
         return request.offload_dir
-    path = tempfile.mkdtemp(prefix="hubsync-offload-")
+    path = tempfile.mkdtemp(prefix="offload-", dir=request.scratch)
     _CLEANUP.append(path)
     return path
 
@@ -745,16 +753,12 @@ def step_image_forward(record: Record, session: Session) -> None:
             if callable(getattr(model, "chat", None)):
                 record["via"] = "chat"
                 _chat(session, max_new_tokens=1)
-            elif session.processor is not None:
+            else:
                 record["via"] = "processor"
                 inputs = _processor_inputs(session, record)
                 logits = getattr(model(**inputs), "logits", None)
                 if logits is not None:
                     record["logits"], record["logits_shape"] = _save_array(request, "image_logits", logits)
-            else:
-                raise LookupError(
-                    "no processor with an image processor and no chat(): cannot build an image input"
-                )
     finally:
         hooks.remove()
         hooks.save(request)  # what ran before a failure is evidence too
@@ -998,9 +1002,12 @@ def _topmost_pure(param: str, counts: dict[str, list[int]]) -> str | None:
 
 
 def step_generate(record: Record, session: Session) -> None:
+    """A few greedy tokens: with the image where the model takes one, from the prompt alone otherwise."""
     import torch
 
     model, request = session.model, session.request
+    if session.image is None and _takes_images(session):
+        session.image = _load_image(request.image)
     torch.manual_seed(0)
     with torch.inference_mode():
         if callable(getattr(model, "chat", None)):
@@ -1042,13 +1049,21 @@ def run(request: Request, result: Result) -> None:
     if session.tokenizer is None:
         return _skip_rest(result, "load", "no tokenizer to build inputs with")
     result.run("text_forward", lambda r: step_text_forward(r, session))
-    ok, _ = result.run("image_forward", lambda r: step_image_forward(r, session))
-    if not request.generate:
-        result.skip("generate", "not requested")
-    elif session.image is None:
-        result.skip("generate", "no image")
+    if _takes_images(session):
+        result.run("image_forward", lambda r: step_image_forward(r, session))
     else:
+        result.skip(
+            "image_forward",
+            "no way to give the model an image: AutoProcessor gave no processor and the model has no chat()",
+        )
+    if request.generate:
         result.run("generate", lambda r: step_generate(r, session))
+    else:
+        result.skip("generate", "not requested")
+
+
+def _takes_images(session: Session) -> bool:
+    return session.processor is not None or callable(getattr(session.model, "chat", None))
 
 
 def _skip_rest(result: Result, after: str, reason: str) -> None:
@@ -1057,10 +1072,11 @@ def _skip_rest(result: Result, after: str, reason: str) -> None:
 
 
 @contextlib.contextmanager
-def _isolated_environment() -> Iterator[None]:
+def _isolated_environment(scratch: str) -> Iterator[None]:
     """Offline, and remote code copied into a temporary modules cache: the user's HF cache is an input,
-    never written to. Set before transformers is imported (it reads them once)."""
-    modules = tempfile.mkdtemp(prefix="hubsync-hf-modules-")
+    never written to. Set before transformers is imported (it reads them once). Temporary folders go into
+    `scratch` (beside the result file), so that what a crash leaves is in the caller's folder."""
+    modules = tempfile.mkdtemp(prefix="hf-modules-", dir=scratch)
     _CLEANUP.append(modules)
     os.environ.update(
         HF_HUB_OFFLINE="1",
@@ -1089,7 +1105,7 @@ def main(argv: list[str]) -> int:
         result.data["error"] = f"bad request: {one_line(err)}"
         result.save()
         return 2
-    with _isolated_environment():
+    with _isolated_environment(os.path.dirname(os.path.abspath(argv[2]))):
         run(request, result)
     result.finish()
     return 0
