@@ -119,6 +119,8 @@ def python_runtime(path: Path) -> Runtime:
     """An existing interpreter (typically the training environment's): it must run and hold torch and
     transformers."""
     label = f"verify.python {path}"
+    if len(path.parts) == 1 and shutil.which(str(path)):  # a bare name such as `python3`: from PATH
+        path = Path(str(shutil.which(str(path))))
     if not path.exists():
         raise VerifyError(
             f"{label} does not exist: point it at the interpreter of the environment the model runs in "
@@ -201,15 +203,28 @@ def requirements_runtime(requirements: Sequence[str], *, progress: IO[str] | Non
     try:
         root.mkdir(parents=True, exist_ok=True)
         with _locked(root / f"{folder.name}.lock", stream):
-            if not (folder / MARKER).is_file():
-                _create_venv(folder, wanted, label, stream)
+            versions = _cached_versions(folder, label, stream)
+            if versions is None:
+                versions = _create_venv(folder, wanted, label, stream)
     except OSError as err:
         raise VerifyError(
             f"cannot create {label} under {root} ({err}): set HUBSYNC_CACHE_DIR to a writable folder."
         ) from None
-    python = venv_python(folder)
-    versions = probe(python, label)
-    return Runtime("requirements", python, versions, wanted)
+    return Runtime("requirements", venv_python(folder), versions, wanted)
+
+
+def _cached_versions(folder: Path, label: str, stream: IO[str]) -> dict[str, str | None] | None:
+    """The versions in a finished venv, or None when there is none (no marker) or it no longer starts (its
+    base Python was upgraded or removed): then it is made again."""
+    if not (folder / MARKER).is_file():
+        return None
+    try:
+        return probe(venv_python(folder), label)
+    except VerifyError as err:
+        print(
+            f"hubsync: the cached runtime in {folder} no longer starts ({err}); making it again", file=stream
+        )
+        return None
 
 
 def venv_python(folder: Path) -> Path:
@@ -240,7 +255,9 @@ def _locked(path: Path, stream: IO[str]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _create_venv(folder: Path, requirements: tuple[str, ...], label: str, stream: IO[str]) -> None:
+def _create_venv(
+    folder: Path, requirements: tuple[str, ...], label: str, stream: IO[str]
+) -> dict[str, str | None]:
     """venv + install, then the marker, last: a creation killed half-way has no marker and is redone."""
     installer = _installer(label)
     shutil.rmtree(folder, ignore_errors=True)
@@ -274,6 +291,7 @@ def _create_venv(folder: Path, requirements: tuple[str, ...], label: str, stream
     tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MARKER)
     print(f"hubsync: {label} ready in {time.monotonic() - start:.0f} s", file=stream, flush=True)
+    return versions
 
 
 def _install_commands(
@@ -403,22 +421,25 @@ def run_worker(
     command = [str(runtime.python), str(script), "request.json", "result.json"]
     start = time.monotonic()
     try:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=open(workdir / "stdout.log", "wb"),  # noqa: SIM115 - handed to the child, closed below
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group: a timeout stops the model's helpers too
-            env=_worker_environment(),
-        )
+        with open(
+            workdir / "stdout.log", "wb"
+        ) as stdout:  # the model's prints; the child keeps its own handle
+            process = subprocess.Popen(
+                command,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: a timeout stops the model's helpers too
+                env=_worker_environment(),
+            )
     except OSError as err:
         raise VerifyError(
             f"cannot start the verification worker with {runtime.describe()} ({err}): check that interpreter."
         ) from None
     tail = _collect_stderr(process, workdir / "stderr.log", echo)
     timed_out = _wait(process, timeout)
-    tail.join()
+    tail.join(timeout=10)  # a helper that left the process group may hold the pipe open: do not wait on it
     result = WorkerResult(
         runtime,
         _read_result(workdir / "result.json"),
