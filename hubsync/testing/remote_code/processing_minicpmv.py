@@ -21,7 +21,9 @@ class MiniCPMVProcessor(ProcessorMixin):
     def __init__(
         self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None
     ) -> None:
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        # transformers < 4.42 takes no chat_template argument; pass it only when there is one.
+        extra = {} if chat_template is None else {"chat_template": chat_template}
+        super().__init__(image_processor, tokenizer, **extra)
         self.version = getattr(image_processor, "version", 2.5)
 
     def __call__(  # type: ignore[override]
