@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoProcessor, LlamaForCausalLM, PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:  # transformers 5: initialisers that leave the tensors already loaded from the checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x calls _init_weights only for tensors the checkpoint lacks
+    from torch.nn import init  # type: ignore[no-redef]
 
 from .configuration_minicpm import MiniCPMVConfig
 from .resampler import Resampler

@@ -12,12 +12,18 @@ IMAGE_MARKER = "(<image>./</image>)"
 
 
 class MiniCPMVProcessor(ProcessorMixin):
-    # transformers 5 finds the parts from these __init__ parameter names and type-checks them; the 4.x
-    # `attributes` / `image_processor_class` class fields are not needed.
+    # transformers 4.x finds the parts from these class fields, as the real processor declares them;
+    # transformers 5 finds them from the __init__ parameter names below and type-checks them.
+    attributes = ["image_processor", "tokenizer"]  # noqa: RUF012 - the base class declares them so
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
     def __init__(
         self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None
     ) -> None:
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        # transformers < 4.42 takes no chat_template argument; pass it only when there is one.
+        extra = {} if chat_template is None else {"chat_template": chat_template}
+        super().__init__(image_processor, tokenizer, **extra)
         self.version = getattr(image_processor, "version", 2.5)
 
     def __call__(  # type: ignore[override]
