@@ -251,6 +251,7 @@ def _finish(prep: Prepared, result: BuildResult, *, record_last_build: bool) -> 
             manifest_path=str(prep.manifest_path.resolve()),
             finetune_folder=str(prep.finetune.folder),
             base_folder=str(prep.base.folder),
+            runtime=report.local_runtime if report else None,
             timings_s={k: round(v, 3) for k, v in report.timings.items()} if report else {},
             peak_memory_bytes=dict(report.memory) if report else {},
         ),

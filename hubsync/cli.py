@@ -121,7 +121,8 @@ def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes:
 
     The new folder replaces the previous output only when it verified (or with --no-verify).
     """
-    from hubsync.build import build as run_build, failed_verification
+    from hubsync.build import build as run_build
+    from hubsync.build import failed_verification
     from hubsync.plan import render
     from hubsync.verify import render_report
 
@@ -156,14 +157,22 @@ def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes:
     help="Allow the pinned base's own code to run (default: the manifest's verify.trust_remote_code; "
     "never the folder's own record).",
 )
-def verify(target: Path, as_json: bool, trust_remote_code: bool | None) -> None:
-    """Prove that a build loads and runs (on a GPU when there is one)."""
+@click.option(
+    "--python",
+    "python",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run the model with this interpreter (an environment with its torch and transformers); default: "
+    "the manifest's verify.python / verify.requirements, else the runtime the folder was last verified with.",
+)
+def verify(target: Path, as_json: bool, trust_remote_code: bool | None, python: Path | None) -> None:
+    """Prove that a build loads and runs, in the model's own runtime (on a GPU when there is one)."""
     from hubsync.errors import VerifyError
     from hubsync.verify import render_report, summary_line
     from hubsync.verify import verify as run_verify
 
     with ci.group("hubsync verify"):
-        report = run_verify(target, trust_remote_code=trust_remote_code)
+        report = run_verify(target, trust_remote_code=trust_remote_code, python=python)
     ci.after_verify(report)
     if as_json:
         _echo_json(report.to_json())

@@ -41,9 +41,6 @@ MAX_FUNCTION_LINES = 80
 PENDING_SPLITS = {
     "hubsync.doctor.diagnose",
     "hubsync.tensors.write_shard",
-    "hubsync.verify.run.check_tokenizer_and_processor",
-    "hubsync.verify.run.run_model",
-    "hubsync.verify.run.check_load_and_run",
 }
 MESSAGE_ERRORS = {cls.__name__ for cls in HubsyncError.__subclasses__()} | {"HubsyncError"}
 

@@ -380,7 +380,7 @@ def test_verify_python_that_fails_to_start(tmp_path: Path) -> None:
         R.python_runtime(broken)
     assert err.value.one_line() == (
         f"verify.python {broken} fails to start (libpython3.11.so.1.0: cannot open shared object file): "
-        "repair or recreate that environment."
+        "repair or recreate that environment"
     )
 
 
@@ -390,7 +390,7 @@ def test_verify_python_without_torch_or_transformers(tmp_path: Path) -> None:
     with pytest.raises(VerifyError) as err:
         R.python_runtime(bare)
     assert err.value.one_line() == (
-        f"verify.python {bare} has no torch and no transformers installed: install them into that environment."
+        f"verify.python {bare} has no torch and no transformers installed: install them into that environment"
     )
 
 
@@ -401,7 +401,7 @@ def test_a_worker_that_cannot_start_is_a_verify_error(tmp_path: Path) -> None:
         run_worker(runtime, request(tmp_path), timeout=30, workdir=tmp_path / "run")
     assert err.value.one_line() == (
         f"the verification worker could not start with verify.python {broken} (python 3.11.7) "
-        "(Fatal Python error: init_fs_encoding): check that interpreter."
+        "(Fatal Python error: init_fs_encoding): check that interpreter"
     )
 
 
@@ -456,7 +456,7 @@ def test_a_requirement_pip_cannot_install_is_one_line(
     )
     assert message.endswith(
         "fix the requirements (the installer's output is above) or set verify.python to an environment that "
-        "has them."
+        "has them"
     )
     assert not folder.exists(), "the half-made venv must not be kept"
     assert "creating the verification runtime" in progress.getvalue()

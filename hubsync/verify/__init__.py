@@ -55,12 +55,9 @@ def _run_models(subject: Subject, report: Report) -> None:
     if blocked:
         report.add("model loads", None, f"not attempted: {blocked[0]} failed (see above)")
         return
-    from hubsync.verify.run import check_load_and_run, check_tokenizer_and_processor, runtime_versions
+    from hubsync.verify.run import run_models
 
-    report.versions.update(runtime_versions())
-    with report.timed("tokenizer and processor"):
-        check_tokenizer_and_processor(subject, report)
-    check_load_and_run(subject, report)
+    report.local_runtime = run_models(subject, report).to_record()
 
 
 def record_verification(
@@ -88,13 +85,14 @@ def verify(
     target: Path,
     *,
     trust_remote_code: bool | None = None,
+    python: Path | None = None,
     run_models: bool = True,
     update_record: bool = True,
 ) -> Report:
     """Verify a build folder (or a manifest's output) and record the result in it."""
     from hubsync.write import OutputLock, relink_into_staging, swap_into_place
 
-    subject = load_subject(target, trust_remote_code=trust_remote_code)
+    subject = load_subject(target, trust_remote_code=trust_remote_code, python=python)
     if not update_record:  # reads only: no lock, nothing written beside the folder
         return run_checks(subject, run_models=run_models)[0]
     with OutputLock(subject.folder):  # no build may swap the folder while it is verified and recorded
@@ -115,7 +113,7 @@ def _save_local(subject: Subject, record: BuildRecord, report: Report) -> None:
             manifest_path=str(subject.manifest_path) if subject.manifest_path else None,
             finetune_folder=str(subject.finetune_folder) if subject.finetune_folder else None,
             base_folder=str(subject.base_folder),
-            runtime=previous.runtime if previous else None,
+            runtime=report.local_runtime or (previous.runtime if previous else None),
             timings_s={k: round(v, 3) for k, v in report.timings.items()},
             peak_memory_bytes=dict(report.memory),
         ),

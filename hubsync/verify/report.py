@@ -28,6 +28,7 @@ class Report:
     checks: list[CheckResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)
+    local_runtime: dict[str, Any] | None = None  # the runtime with its interpreter path: kept on this machine
 
     @property
     def passed(self) -> bool:

@@ -1,482 +1,376 @@
-"""Load and run the base and the build with transformers: tokenizer, processor, chat template, loading
-info, text-only logits, liveness of the tuned modules, generation.
+"""Load and run the base and the build, each in the verification worker, in the model's own runtime, and
+judge what came back: tokenizer (against an independent reference), processor, chat template, loading, the
+frozen parts, the liveness of every tuned part, generation.
 
-(Runs in hubsync's own process for now; it moves into the verification worker.)
+hubsync's own process never imports a model's code or loads its weights: `runtime.run_worker` starts
+`worker.py` in the chosen interpreter, and only small facts and arrays come back. When the build fails to load
+or run, the base's result in the same runtime says whether the build or the runtime is to blame.
 """
 
 from __future__ import annotations
 
-import gc
 import json
-import platform
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hubsync.errors import HubsyncError, VerifyError
 from hubsync.verify.report import Report
+from hubsync.verify.runtime import (
+    Runtime,
+    WorkerResult,
+    current_runtime,
+    python_runtime,
+    requirements_runtime,
+    run_worker,
+)
 from hubsync.verify.subject import Subject
 
-SAMPLE_TEXT = "Describe the image. There is a white cat sitting on a brown table."
-VISION_HINTS = (
-    "vpm",
-    "vision",
-    "visual",
-    "resampler",
-    "multi_modal_projector",
-    "mm_projector",
-    "image",
-    "img",
-)
+VISION_HINTS = ("vpm", "vision", "visual", "resampler", "multi_modal_projector", "mm_projector", "image", "img")
 # Same weights, same inputs, same kernels give the same logits on a CPU; GPU kernels may reorder sums.
 TOLERANCE = {"cpu": 0.0, "cuda": 1e-2}
+# The torch that most remote code written for transformers 4.x still runs on (field notes: MiniCPM-V 2.5's
+# resampler needs torch <= 2.6).
+TORCH_FOR_4X = "torch==2.6.0"
 
 
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise VerifyError(
-            f"verify.device is {requested} but no CUDA device is visible: use `device: auto` or cpu"
-        )
-    return requested
+def choose_runtime(subject: Subject) -> Runtime:
+    """The interpreter the subject asks for: verify.python, verify.requirements, or hubsync's own."""
+    spec = subject.runtime
+    if spec.get("python"):
+        return python_runtime(Path(str(spec["python"])))
+    if spec.get("requirements"):
+        return requirements_runtime(tuple(spec["requirements"]))
+    return current_runtime()
 
 
-def check_tokenizer_and_processor(subject: Subject, report: Report) -> None:
-    from transformers import AutoProcessor, AutoTokenizer
-    from transformers.processing_utils import ProcessorMixin
+def run_models(subject: Subject, report: Report) -> Runtime:
+    """Run the build and the base in the worker and add every load-and-run check to `report`."""
+    runtime = choose_runtime(subject)
+    report.runtime = {"kind": runtime.kind, "requirements": list(runtime.requirements)}
+    report.versions.update({k: str(v) for k, v in runtime.versions.items() if v and k != "executable"})
+    with tempfile.TemporaryDirectory(prefix="hubsync-verify-") as scratch:
+        with report.timed("run build"):
+            build = _run(subject, subject.folder, runtime, Path(scratch) / "build")
+        with report.timed("run base"):
+            base = _run(subject, subject.base_folder, runtime, Path(scratch) / "base")
+        _Judge(subject, report, runtime, build, base).judge()
+    return runtime
 
-    trust = subject.trust_remote_code
-    kwargs: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": True}
+
+def _run(subject: Subject, folder: Path, runtime: Runtime, workdir: Path) -> WorkerResult:
+    request = {
+        "folder": str(folder),
+        "trust_remote_code": subject.trust_remote_code,
+        "device": subject.device,
+        "prompt": subject.prompt,
+        "image": str(subject.image) if subject.image else None,
+        "tuned_prefixes": list(subject.tuned_prefixes),
+        "max_memory": subject.max_memory,
+    }
+    return run_worker(runtime, request, timeout=subject.timeout, workdir=workdir)
+
+
+def _kind(error: str | None) -> str:
+    """The exception type of a worker error line ("TypeName: message")."""
+    return (error or "").split(":", 1)[0]
+
+
+def _base_version(folder: Path) -> str | None:
     try:
-        tok = AutoTokenizer.from_pretrained(str(subject.folder), **kwargs)
-        base_tok = AutoTokenizer.from_pretrained(str(subject.base_folder), **kwargs)
-    except Exception as err:  # noqa: BLE001 - any loader failure is the finding
-        report.add("tokenizer loads", False, f"AutoTokenizer failed: {_one_line(err)}")
-        return
-    ids, base_ids = tok(SAMPLE_TEXT)["input_ids"], base_tok(SAMPLE_TEXT)["input_ids"]
-    text = tok.decode(ids, skip_special_tokens=True).strip()
-    base_text = base_tok.decode(base_ids, skip_special_tokens=True).strip()
-    same = ids == base_ids and text == base_text
-    report.add(
-        "tokenizer",
-        same,
-        f"{type(tok).__name__} encodes the sample to the same {len(ids)} ids as the base and decodes it back"
-        + (" exactly" if text == SAMPLE_TEXT else f" as the base does ({text!r})")
-        if same
-        else f"{type(tok).__name__} encodes the sample differently from the base's {type(base_tok).__name__} "
-        f"({len(ids)} vs {len(base_ids)} ids): the tokenizer was rebuilt or replaced",
-        evidence=[f"build ids {ids[:24]}", f"base ids {base_ids[:24]}", f"build decode {text!r}"],
-    )
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    version = config.get("transformers_version") if isinstance(config, dict) else None
+    return version if isinstance(version, str) else None
 
-    has_processor = any(
-        (subject.base_folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")
-    )
-    processor = None
-    if has_processor:
-        try:
-            processor = AutoProcessor.from_pretrained(str(subject.folder), **kwargs)
-        except Exception as err:  # noqa: BLE001
-            report.add("processor", False, f"AutoProcessor failed: {_one_line(err)}")
-        else:
-            ok = isinstance(processor, ProcessorMixin) and hasattr(processor, "tokenizer")
-            report.add(
-                "processor",
-                ok,
-                f"AutoProcessor returns {type(processor).__name__}"
-                if ok
-                else f"AutoProcessor returns a bare {type(processor).__name__}, not a processor: "
-                "`processor.tokenizer` will fail (the MiniCPM-V seed error); restore the processor config",
+
+class _Judge:
+    """Turns the two worker results into checks."""
+
+    def __init__(
+        self, subject: Subject, report: Report, runtime: Runtime, build: WorkerResult, base: WorkerResult
+    ) -> None:
+        self.subject, self.report, self.runtime = subject, report, runtime
+        self.build, self.base = build, base
+
+    # ---- the order of judgement
+    def judge(self) -> None:
+        self._record_device_and_memory()
+        if not self._runtime_can_import():
+            return
+        self._tokenizer()
+        self._processor_and_template()
+        if not self._loads():
+            return
+        self._frozen_parts()
+        self._liveness()
+        self._generation()
+
+    # ---- helpers
+    @property
+    def where(self) -> str:
+        return self.runtime.describe()
+
+    @property
+    def base_label(self) -> str:
+        base = self.subject.record.base
+        return f"{base.repo} @ {(base.sha or '')[:12]}" if base.repo else f"the base folder {self.subject.base_folder}"
+
+    def _blame_base(self, build_error: str | None, base_step: Mapping[str, Any], doing: str) -> str | None:
+        """The one-line message when the base fails the same way (the runtime, not the build, is at fault)."""
+        if base_step.get("ok") is not False or _kind(base_step.get("error")) != _kind(build_error):
+            return None
+        written = _base_version(self.subject.base_folder)
+        running = self.runtime.versions.get("transformers") or "?"
+        fix = "verify in the environment the model was written for: set verify.requirements or verify.python"
+        if written and written.split(".")[0] != str(running).split(".")[0]:
+            reqs = [f"transformers=={written}"]
+            if written.startswith("4."):
+                reqs.append(TORCH_FOR_4X)
+            if "torchvision" in (self.base.step("preflight").get("checked") or []):
+                reqs.append("torchvision")
+            fix = (
+                f"its config.json was written by transformers {written}: set verify.requirements: "
+                f"[{', '.join(reqs)}] or verify.python"
             )
-    template_owner = processor if processor is not None and getattr(processor, "chat_template", None) else tok
-    if getattr(template_owner, "chat_template", None):
-        conversation = [
-            {"role": "user", "content": "Hello, who are you?"},
-            {"role": "assistant", "content": "A helpful model."},
-            {"role": "user", "content": "Describe the image."},
-        ]
-        try:
-            rendered = template_owner.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
+        return (
+            f"the base {self.base_label} itself does not {doing} under transformers {running} "
+            f"({base_step.get('error')}): {fix}"
+        )
+
+    def _crash(self, result: WorkerResult) -> str | None:
+        failure = result.failure
+        if failure is None:
+            return None
+        tail = "; ".join(result.stderr_tail[-2:])
+        return f"{failure}" + (f" ({tail})" if tail else "")
+
+    # ---- checks
+    def _record_device_and_memory(self) -> None:
+        load = self.build.step("load")
+        self.report.device = str(load.get("device") or self.subject.device)
+        counts = load.get("device_counts") or {}
+        if load.get("device_map"):
+            self.report.device_map = "device_map=auto: " + ", ".join(f"{d} {n} module(s)" for d, n in counts.items())
+        for label, result in (("build", self.build), ("base", self.base)):
+            peaks = [s.get("rss_peak_bytes") or 0 for s in result.steps.values()]
+            cuda = [s.get("cuda_peak_bytes") or 0 for s in result.steps.values()]
+            self.report.memory[f"peak RAM {label}"] = max(peaks, default=0)
+            if any(cuda):
+                self.report.memory[f"peak device {label}"] = max(cuda)
+
+    def _runtime_can_import(self) -> bool:
+        preflight = self.build.step("preflight")
+        if preflight.get("ok") is False:
+            missing = preflight.get("missing") or []
+            first = missing[0] if missing else {}
+            needed_by = ", ".join(first.get("files") or []) or "the model's code"
+            self.report.add(
+                "runtime has the model's imports",
+                False,
+                f"{self.where} cannot import {first.get('module', '?')} (needed by {needed_by}): install it there, "
+                "or set verify.python / verify.requirements",
+                [f"{m.get('module')}: {m.get('error')}" for m in missing],
             )
-            ok = (
-                isinstance(rendered, str)
-                and "Hello, who are you?" in rendered
-                and "Describe the image." in rendered
+            return False
+        crash = self._crash(self.build) if not self.build.steps.get("load") else None
+        if crash:
+            self.report.add("model loads", False, f"the build could not be loaded: {crash}", self.build.stderr_tail)
+            return False
+        return True
+
+    def _tokenizer(self) -> None:
+        tok, base_tok = self.build.step("tokenizer"), self.base.step("tokenizer")
+        if tok.get("ok") is not True:
+            blame = self._blame_base(tok.get("error"), base_tok, "load its tokenizer")
+            self.report.add("tokenizer", False, blame or f"AutoTokenizer fails under {self.where}: {tok.get('error')}")
+            return
+        ids, base_ids = tok.get("ids"), base_tok.get("ids")
+        if ids != base_ids or tok.get("decoded") != base_tok.get("decoded"):
+            self.report.add(
+                "tokenizer",
+                False,
+                f"{tok.get('class')} encodes the sample differently from the base's {base_tok.get('class')} "
+                f"({len(ids or [])} vs {len(base_ids or [])} ids): the tokenizer was rebuilt or replaced",
+                [f"build ids {(ids or [])[:24]}", f"base ids {(base_ids or [])[:24]}"],
             )
-            report.add(
-                "chat template",
-                ok,
-                f"renders a two-turn conversation ({len(rendered)} characters)"
-                if ok
-                else "the chat template renders without the conversation's text",
+            return
+        self._tokenizer_reference(tok, base_tok)
+
+    def _tokenizer_reference(self, tok: Mapping[str, Any], base_tok: Mapping[str, Any]) -> None:
+        ref = tok.get("reference") or {}
+        agrees = tok.get("agrees_with_reference")
+        plain, ref_ids = tok.get("ids_plain") or [], ref.get("ids") or []
+        if agrees is False:
+            whose = "for the base too" if base_tok.get("agrees_with_reference") is False else "the base's does not"
+            self.report.add(
+                "tokenizer",
+                False,
+                f"{tok.get('class')} under {self.where} gives {len(plain)} ids where {ref.get('source')} gives "
+                f"{len(ref_ids)} ({whose}): this runtime rebuilds the tokenizer lossily; verify in the model's "
+                "own runtime (verify.requirements or verify.python)",
+                [f"AutoTokenizer {plain[:24]}", f"{ref.get('source')} {ref_ids[:24]}"],
             )
-        except Exception as err:  # noqa: BLE001
-            report.add(
+            return
+        reference = (
+            f", and {ref.get('source')} read by the tokenizers library agrees"
+            if agrees
+            else f" (no independent reference: {ref.get('reason') or ref.get('error') or 'none'})"
+        )
+        self.report.add(
+            "tokenizer",
+            True,
+            f"{tok.get('class')} encodes the sample to the same {len(tok.get('ids') or [])} ids as the base"
+            f"{reference}",
+        )
+
+    def _processor_and_template(self) -> None:
+        proc, base_proc = self.build.step("processor"), self.base.step("processor")
+        if base_proc.get("processor_files"):
+            if proc.get("ok") is not True:
+                self.report.add("processor", False, f"AutoProcessor fails under {self.where}: {proc.get('error')}")
+            elif not proc.get("is_processor"):
+                self.report.add(
+                    "processor",
+                    False,
+                    f"AutoProcessor returns a bare {proc.get('class')}, not a processor: `processor.tokenizer` will "
+                    "fail (the MiniCPM-V seed error); restore the processor config",
+                )
+            else:
+                self.report.add("processor", True, f"AutoProcessor returns {proc.get('class')}")
+        template, base_template = proc.get("chat_template") or {}, base_proc.get("chat_template") or {}
+        if template.get("renders"):
+            self.report.add("chat template", True, f"renders a two-turn conversation (from the {template.get('source')})")
+        elif base_template.get("renders"):
+            self.report.add(
                 "chat template",
                 False,
-                f"the chat template fails on a two-turn conversation: {_one_line(err)}",
-            )
-    else:
-        base_has = any(
-            (subject.base_folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json")
-        )
-        report.add(
-            "chat template",
-            False if base_has else None,
-            "the base has a chat template but the build's tokenizer and processor have none"
-            if base_has
-            else "the base has no chat template",
-        )
-
-
-def _peak(device: str) -> int:
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _reset_peak(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _model_class(folder: Path, trust: bool) -> Callable[..., Any]:
-    import transformers
-
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    auto_map = config.get("auto_map") or {}
-    if auto_map:
-        if not trust:
-            raise VerifyError(
-                "the model needs its own code (config.json has an auto_map): set `verify.trust_remote_code: true` "
-                "to allow the pinned base revision's code to run"
-            )
-        for key in (
-            "AutoModelForImageTextToText",
-            "AutoModelForCausalLM",
-            "AutoModelForVision2Seq",
-            "AutoModel",
-        ):
-            if key in auto_map:
-                return getattr(transformers, key).from_pretrained  # type: ignore[no-any-return]
-    for arch in config.get("architectures") or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls.from_pretrained  # type: ignore[no-any-return]
-    return transformers.AutoModel.from_pretrained  # type: ignore[no-any-return]
-
-
-def _too_big_for_one_gpu(folder: Path, device: str) -> bool:
-    import torch
-
-    if not device.startswith("cuda") or torch.cuda.device_count() < 2:
-        return False
-    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    return size > 0.85 * torch.cuda.get_device_properties(0).total_memory
-
-
-def load_model(folder: Path, trust: bool, device: str) -> tuple[Any, dict[str, Any], str | None]:
-    """Load with transformers in the checkpoint's dtype, with loading info; local files only."""
-    load = _model_class(folder, trust)
-    kwargs: dict[str, Any] = {
-        "dtype": "auto",
-        "trust_remote_code": trust,
-        "local_files_only": True,
-        "output_loading_info": True,
-    }
-    device_map = None
-    if _too_big_for_one_gpu(folder, device):
-        device_map = "auto"
-        kwargs["device_map"] = "auto"
-    model, info = load(str(folder), **kwargs)
-    if device_map is None:
-        model = model.to(device)
-    model.eval()
-    return model, info, device_map
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _tuned_modules(model: Any, prefixes: tuple[str, ...]) -> dict[str, Any]:
-    """The top modules of the tuned parts, under the model's own module names (checkpoint names may differ)."""
-    modules = dict(model.named_modules())
-    found = {}
-    for prefix in prefixes:
-        name = prefix.rstrip(".")
-        for candidate in (name, f"model.{name}", name.removeprefix("model.")):
-            if candidate in modules:
-                found[prefix] = modules[candidate]
-                break
-    return found
-
-
-def _first_tensor(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    if hasattr(value, "last_hidden_state") and value.last_hidden_state is not None:
-        return value.last_hidden_state
-    if hasattr(value, "values"):
-        for item in value.values():
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
-
-
-def _image(subject: Subject) -> Any:
-    from PIL import Image
-
-    if subject.image is not None:
-        return Image.open(subject.image).convert("RGB")
-    import numpy as np
-
-    ramp = np.linspace(0, 255, 40, dtype=np.float64)[None, :, None]
-    pixels = np.broadcast_to(ramp * np.array([1.0, 0.5, 0.25]), (32, 40, 3)).copy()
-    pixels[8:20, 10:24] = (200, 30, 90)  # a deterministic picture: a gradient and a rectangle
-    return Image.fromarray(pixels.round().astype(np.uint8), mode="RGB")
-
-
-@dataclass
-class RunOutputs:
-    text_logits: Any = None
-    image_logits: Any = None
-    tuned_outputs: dict[str, Any] = field(default_factory=dict)
-    generated: str | None = None
-    loading_info: dict[str, Any] = field(default_factory=dict)
-    device_map: str | None = None
-    errors: dict[str, str] = field(default_factory=dict)
-
-
-def run_model(
-    folder: Path, subject: Subject, device: str, report: Report, label: str, *, generate: bool
-) -> RunOutputs:
-    """Load one model, run the probes, keep only small CPU copies of the outputs, free the device."""
-    import torch
-    from transformers import AutoProcessor, AutoTokenizer
-
-    out = RunOutputs()
-    trust = subject.trust_remote_code
-    _reset_peak(device)
-    with report.timed(f"load {label}"):
-        model, info, out.device_map = load_model(folder, trust, device)
-    out.loading_info = {k: list(v) if isinstance(v, (list, set, tuple)) else v for k, v in info.items()}
-    report.memory[f"after load {label}"] = _peak(device)
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust, local_files_only=True)
-    processor = None
-    if any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
-        try:
-            processor = AutoProcessor.from_pretrained(
-                str(folder), trust_remote_code=trust, local_files_only=True
-            )
-        except Exception as err:  # noqa: BLE001 - reported by the files checks
-            out.errors["processor"] = _one_line(err)
-    captured: dict[str, Any] = {}
-
-    def capture(key: str) -> Callable[..., None]:
-        def hook(
-            _module: Any, _inputs: Any, output: Any
-        ) -> None:  # must return None: a value replaces the output
-            if key not in captured:
-                captured[key] = _first_tensor(output)
-
-        return hook
-
-    hooks = [
-        module.register_forward_hook(capture(prefix))
-        for prefix, module in _tuned_modules(model, subject.tuned_prefixes).items()
-    ]
-    first_device = next(model.parameters()).device
-    try:
-        with torch.inference_mode(), report.timed(f"text forward {label}"):
-            ids = tok(SAMPLE_TEXT, return_tensors="pt")["input_ids"].to(first_device)
-            try:
-                out.text_logits = model(input_ids=ids).logits.float().cpu()
-            except Exception as err:  # noqa: BLE001 - some remote forwards need more than input_ids
-                lm = getattr(model, "llm", None) or getattr(model, "language_model", None)
-                if lm is None:
-                    out.errors["text"] = _one_line(err)
-                else:
-                    out.text_logits = lm(input_ids=ids).logits.float().cpu()
-        image = _image(subject)
-        with torch.inference_mode(), report.timed(f"image {'generate' if generate else 'forward'} {label}"):
-            if hasattr(model, "chat"):
-                msgs = [{"role": "user", "content": subject.prompt}]
-                try:
-                    text = model.chat(
-                        image=image, msgs=msgs, tokenizer=tok, processor=processor, max_new_tokens=8
-                    )
-                except TypeError:  # a chat() without the processor argument
-                    text = model.chat(image=image, msgs=msgs, tokenizer=tok, max_new_tokens=8)
-                out.generated = text if isinstance(text, str) else str(text)
-            elif processor is not None:
-                inputs = _processor_inputs(processor, image, subject.prompt).to(first_device)
-                out.image_logits = model(**inputs).logits.float().cpu()
-                if generate:
-                    new = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-                    out.generated = processor.decode(
-                        new[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-                    )
-            else:
-                out.errors["image"] = "no processor to build an image input"
-    except Exception as err:  # noqa: BLE001 - a model that does not run is the finding
-        out.errors.setdefault("run", _one_line(err))
-    finally:
-        for h in hooks:
-            h.remove()
-    out.tuned_outputs = {k: v.float().cpu() for k, v in captured.items() if v is not None}
-    report.memory[f"peak {label}"] = _peak(device)
-    del model
-    _free(device)
-    return out
-
-
-def _processor_inputs(processor: Any, image: Any, prompt: str) -> Any:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return processor(images=[image], text=[text], return_tensors="pt")
-
-
-def check_load_and_run(subject: Subject, report: Report) -> None:
-    import torch
-
-    device = pick_device(subject.device)
-    report.device = (
-        device if not device.startswith("cuda") else f"{device} ({torch.cuda.get_device_name(device)})"
-    )
-    try:
-        base = run_model(subject.base_folder, subject, device, report, "base", generate=False)
-        build = run_model(subject.folder, subject, device, report, "build", generate=True)
-    except HubsyncError as err:
-        report.add("model loads", False, err.one_line())
-        return
-    except Exception as err:  # noqa: BLE001
-        report.add("model loads", False, f"transformers could not load the build: {_one_line(err)}")
-        return
-    report.device_map = build.device_map
-    info = build.loading_info
-    problems = [
-        f"{k}: {', '.join(map(str, v[:5]))}"
-        for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-        if (v := info.get(k))
-    ]
-    report.add(
-        "model loads",
-        not problems,
-        "loads with no missing, unexpected or mismatched keys"
-        + (" (spread with device_map='auto')" if build.device_map else "")
-        if not problems
-        else f"loading reports {problems[0]}",
-        problems,
-    )
-
-    vision_only = bool(subject.tuned_prefixes) and all(
-        any(h in p.lower() for h in VISION_HINTS) for p in subject.tuned_prefixes
-    )
-    tol = TOLERANCE["cuda" if device.startswith("cuda") else "cpu"]
-    if base.text_logits is None or build.text_logits is None:
-        report.add(
-            "frozen parts untouched",
-            None,
-            "no text-only forward for this architecture: "
-            + (build.errors.get("text") or base.errors.get("text") or "unknown"),
-        )
-    else:
-        diff = float((base.text_logits - build.text_logits).abs().max())
-        if vision_only:
-            report.add(
-                "frozen parts untouched",
-                diff <= tol,
-                f"text-only logits equal the base's (max |Δ| {diff:.3g}, tolerance {tol:g})"
-                if diff <= tol
-                else f"text-only logits differ from the base's by {diff:.3g} (tolerance {tol:g}): "
-                "the language model changed although only vision parts were tuned",
-                max_abs=diff,
-                tolerance=tol,
+                "the base has a chat template but the build's tokenizer and processor have none"
+                + (f" ({template.get('error')})" if template.get("error") else ""),
             )
         else:
-            report.add(
-                "frozen parts untouched",
-                None,
-                f"the language model was tuned; text-only logits differ by {diff:.3g}",
-                max_abs=diff,
+            self.report.add("chat template", None, "the base has no chat template")
+
+    def _loads(self) -> bool:
+        load, base_load = self.build.step("load"), self.base.step("load")
+        if load.get("ok") is not True:
+            error = load.get("error") or self._crash(self.build) or load.get("skipped")
+            blame = self._blame_base(load.get("error"), base_load, "load")
+            self.report.add(
+                "model loads",
+                False,
+                blame or f"the build does not load under {self.where} ({error})"
+                + (" although the base does" if base_load.get("ok") else ""),
+                self.build.stderr_tail[-5:],
+                blame="base" if blame else "build",
             )
+            return False
+        problems = [
+            f"{key}: {', '.join(map(str, load.get(key)[:5]))}"
+            for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if load.get(key)
+        ]
+        spread = f" ({self.report.device_map})" if self.report.device_map else ""
+        self.report.add(
+            "model loads",
+            not problems,
+            f"{load.get('class')} loads with no missing, unexpected or mismatched keys{spread}"
+            if not problems
+            else f"loading reports {problems[0]}",
+            problems,
+        )
+        return True
 
-    live: dict[str, float] = {}
-    for prefix, value in build.tuned_outputs.items():
-        ref = base.tuned_outputs.get(prefix)
-        if ref is not None and ref.shape == value.shape:
-            live[prefix] = float((ref - value).abs().max())
-    if (
-        build.image_logits is not None
-        and base.image_logits is not None
-        and base.image_logits.shape == build.image_logits.shape
-    ):
-        live["logits"] = float((base.image_logits - build.image_logits).abs().max())
-    if not live:
-        report.add(
+    def _array(self, result: WorkerResult, name: str | None) -> Any:
+        import numpy as np
+
+        return None if not name else np.load(result.outputs_dir / name)
+
+    def _frozen_parts(self) -> None:
+        text, base_text = self.build.step("text_forward"), self.base.step("text_forward")
+        if text.get("ok") is not True or base_text.get("ok") is not True:
+            why = text.get("error") or text.get("skipped") or base_text.get("error") or "unknown"
+            self.report.add("frozen parts untouched", None, f"no text-only forward for this architecture: {why}")
+            return
+        a, b = self._array(self.build, text.get("logits")), self._array(self.base, base_text.get("logits"))
+        diff = float(abs(a - b).max()) if a.shape == b.shape else float("inf")
+        tol = TOLERANCE["cuda" if self.report.device.startswith("cuda") else "cpu"]
+        prefixes = self.subject.tuned_prefixes
+        if not (prefixes and all(any(h in p.lower() for h in VISION_HINTS) for p in prefixes)):
+            self.report.add(
+                "frozen parts untouched", None, f"the language model was tuned; text-only logits differ by {diff:.3g}"
+            )
+            return
+        self.report.add(
+            "frozen parts untouched",
+            diff <= tol,
+            f"text-only logits equal the base's (max |Δ| {diff:.3g}, tolerance {tol:g})"
+            if diff <= tol
+            else f"text-only logits differ from the base's by {diff:.3g} (tolerance {tol:g}): the language model "
+            "changed although only vision parts were tuned",
+            max_abs=diff,
+            tolerance=tol,
+        )
+
+    def _liveness(self) -> None:
+        image, base_image = self.build.step("image_forward"), self.base.step("image_forward")
+        if image.get("ok") is not True:
+            blame = self._blame_base(image.get("error"), base_image, "run with an image")
+            why = image.get("error") or self._crash(self.build) or image.get("skipped")
+            self.report.add("tuned parts are live", False, blame or f"a forward with an image failed: {why}")
+            return
+        problems, deltas = [], {}
+        base_live = base_image.get("liveness") or {}
+        for prefix in self.subject.tuned_prefixes:
+            entry = (image.get("liveness") or {}).get(prefix) or {}
+            found, delta = self._prefix_liveness(prefix, entry, base_live.get(prefix) or {})
+            problems += found
+            deltas.update(delta)
+        self.report.add(
             "tuned parts are live",
-            None if not subject.tuned_prefixes else False,
-            "could not observe the tuned parts in a forward with an image: "
-            + (build.errors.get("run") or build.errors.get("image") or "no tuned module ran"),
-        )
-    else:
-        dead = [p for p, d in live.items() if d == 0.0 and p != "logits"]
-        report.add(
-            "tuned parts are live",
-            not dead,
-            "a forward with an image differs from the base's: "
-            + ", ".join(f"{p} max |Δ| {d:.3g}" for p, d in live.items())
-            if not dead
-            else f"{', '.join(dead)} gives the base's output on an image: the tuned weights are "
-            "not the ones being used",
-            deltas=live,
+            not problems,
+            problems[0]
+            if problems
+            else "every tuned part ran in a forward with an image and differs from the base's: "
+            + ", ".join(f"{m} max |Δ| {d:.3g}" for m, d in deltas.items()),
+            problems,
+            deltas=deltas,
         )
 
-    if build.generated is not None:
-        report.add("generation", True, f"greedy generation with an image returned {build.generated!r}")
-    else:
-        report.add(
-            "generation",
-            False,
-            "generation with an image failed: "
-            + (build.errors.get("run") or build.errors.get("image") or "no text returned"),
-        )
+    def _prefix_liveness(
+        self, prefix: str, entry: Mapping[str, Any], base_entry: Mapping[str, Any]
+    ) -> tuple[list[str], dict[str, float]]:
+        modules = entry.get("modules") or []
+        if not modules:
+            return [f"tuned prefix '{prefix}' maps to no module of the model ({entry.get('reason') or 'no match'})"], {}
+        base_modules = {m.get("name"): m for m in base_entry.get("modules") or []}
+        problems, deltas = [], {}
+        for module in modules:
+            name = module.get("name")
+            if not module.get("ran"):
+                problems.append(f"{name} (tuned prefix '{prefix}') never ran in a forward with an image")
+                continue
+            theirs = base_modules.get(name) or {}
+            a, b = self._array(self.build, module.get("output")), self._array(self.base, theirs.get("output"))
+            if a is None or b is None or a.shape != b.shape:
+                problems.append(f"{name}: its output cannot be compared with the base's (shapes differ or missing)")
+                continue
+            delta = float(abs(a - b).max())
+            deltas[str(name)] = delta
+            if delta == 0.0:
+                problems.append(
+                    f"{name} gives the base's output on an image: the tuned weights are not the ones being used"
+                )
+        return problems, deltas
 
+    def _generation(self) -> None:
+        generate = self.build.step("generate")
+        text = generate.get("text")
+        if generate.get("ok") is True and isinstance(text, str) and text.strip():
+            self.report.add("generation", True, f"greedy generation with an image returned {text!r}")
+            return
+        why = generate.get("error") or self._crash(self.build) or generate.get("skipped") or "empty text"
+        blame = self._blame_base(generate.get("error"), self.base.step("generate"), "generate")
+        self.report.add("generation", False, blame or f"generation with an image failed: {why}")
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
-
-
-def runtime_versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }

@@ -124,11 +124,11 @@ def python_runtime(path: Path) -> Runtime:
     if not path.exists():
         raise VerifyError(
             f"{label} does not exist: point it at the interpreter of the environment the model runs in "
-            "(e.g. /path/to/venv/bin/python)."
+            "(e.g. /path/to/venv/bin/python)"
         )
     if path.is_dir() or not os.access(path, os.X_OK):
         raise VerifyError(
-            f"{label} is not an executable file: point it at a python interpreter, not a folder."
+            f"{label} is not an executable file: point it at a python interpreter, not a folder"
         )
     versions = probe(path, label)
     _require_packages(versions, label, "install them into that environment")
@@ -142,17 +142,17 @@ def probe(python: Path, label: str) -> dict[str, str | None]:
             [str(python), "-c", PROBE], capture_output=True, text=True, timeout=120, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise VerifyError(f"{label} cannot be run ({err}): check the path and that it is a python.") from None
+        raise VerifyError(f"{label} cannot be run ({err}): check the path and that it is a python") from None
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise VerifyError(f"{label} fails to start ({last}): repair or recreate that environment.")
+        raise VerifyError(f"{label} fails to start ({last}): repair or recreate that environment")
     try:
         versions: dict[str, str | None] = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise VerifyError(f"{label} does not behave like a python interpreter: check the path.") from None
+        raise VerifyError(f"{label} does not behave like a python interpreter: check the path") from None
     if _version_tuple(versions.get("python")) < (3, 9):
         raise VerifyError(
-            f"{label} is Python {versions.get('python')}: the verification worker needs Python >= 3.9."
+            f"{label} is Python {versions.get('python')}: the verification worker needs Python >= 3.9"
         )
     return versions
 
@@ -160,7 +160,7 @@ def probe(python: Path, label: str) -> dict[str, str | None]:
 def _require_packages(versions: Mapping[str, str | None], label: str, fix: str) -> None:
     absent = [name for name in ("torch", "transformers") if not versions.get(name)]
     if absent:
-        raise VerifyError(f"{label} has no {' and no '.join(absent)} installed: {fix}.")
+        raise VerifyError(f"{label} has no {' and no '.join(absent)} installed: {fix}")
 
 
 def _version_tuple(version: str | None) -> tuple[int, ...]:
@@ -196,7 +196,7 @@ def requirements_runtime(requirements: Sequence[str], *, progress: IO[str] | Non
     wanted = tuple(" ".join(r.split()) for r in requirements if r.strip())
     label = f"verify.requirements [{', '.join(wanted)}]"
     if not wanted:
-        raise VerifyError(f"{label} is empty: list at least torch and transformers, or use verify.python.")
+        raise VerifyError(f"{label} is empty: list at least torch and transformers, or use verify.python")
     stream = progress if progress is not None else sys.stderr
     root = cache_root() / "runtimes"
     folder = root / runtime_key(wanted)
@@ -208,7 +208,7 @@ def requirements_runtime(requirements: Sequence[str], *, progress: IO[str] | Non
                 versions = _create_venv(folder, wanted, label, stream)
     except OSError as err:
         raise VerifyError(
-            f"cannot create {label} under {root} ({err}): set HUBSYNC_CACHE_DIR to a writable folder."
+            f"cannot create {label} under {root} ({err}): set HUBSYNC_CACHE_DIR to a writable folder"
         ) from None
     return Runtime("requirements", venv_python(folder), versions, wanted)
 
@@ -276,7 +276,7 @@ def _create_venv(
             raise VerifyError(
                 f"could not create the venv for {label}: {name} exited with {code} ({last}); fix the "
                 "requirements (the installer's output is above) or set verify.python to an environment "
-                "that has them."
+                "that has them"
             )
     versions = probe(venv_python(folder), label)
     try:
@@ -315,9 +315,9 @@ def _install_commands(
 def _installer(label: str) -> str:
     chosen = os.environ.get(INSTALLER_ENV, "").strip().lower()
     if chosen not in ("", "pip", "uv"):
-        raise VerifyError(f"{INSTALLER_ENV}={chosen!r} is not an installer hubsync knows: use pip or uv.")
+        raise VerifyError(f"{INSTALLER_ENV}={chosen!r} is not an installer hubsync knows: use pip or uv")
     if chosen == "uv" and not shutil.which("uv"):
-        raise VerifyError(f"{INSTALLER_ENV}=uv but uv is not on PATH: install uv or set {INSTALLER_ENV}=pip.")
+        raise VerifyError(f"{INSTALLER_ENV}=uv but uv is not on PATH: install uv or set {INSTALLER_ENV}=pip")
     if chosen:
         return chosen
     return "uv" if shutil.which("uv") else "pip"
@@ -435,7 +435,7 @@ def run_worker(
             )
     except OSError as err:
         raise VerifyError(
-            f"cannot start the verification worker with {runtime.describe()} ({err}): check that interpreter."
+            f"cannot start the verification worker with {runtime.describe()} ({err}): check that interpreter"
         ) from None
     tail = _collect_stderr(process, workdir / "stderr.log", echo)
     timed_out = _wait(process, timeout)
@@ -520,11 +520,11 @@ def _refuse_unstartable(result: WorkerResult) -> None:
     if runtime_step is None and (result.returncode or 0) > 0:
         last = result.stderr_tail[-1] if result.stderr_tail else f"exit status {result.returncode}"
         raise VerifyError(
-            f"the verification worker could not start with {label} ({last}): check that interpreter."
+            f"the verification worker could not start with {label} ({last}): check that interpreter"
         )
     if runtime_step is not None and runtime_step.get("ok") is False:
         raise VerifyError(
-            f"{label} cannot import what the worker needs ({runtime_step.get('error')}): repair that environment."
+            f"{label} cannot import what the worker needs ({runtime_step.get('error')}): repair that environment"
         )
 
 

@@ -7,8 +7,10 @@ pinned base.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hubsync.errors import VerifyError
 from hubsync.manifest import Manifest, load_manifest
@@ -28,6 +30,10 @@ class Subject:
     prompt: str
     image: Path | None
     manifest_path: Path | None = None
+    # where models run: {"python": path} | {"requirements": [...]} | {} (hubsync's own interpreter)
+    runtime: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float = 3600.0
+    max_memory: Mapping[str, str] | None = None  # an accelerate budget that forces offload (tests, small GPUs)
 
     @property
     def tuned_prefixes(self) -> tuple[str, ...]:
@@ -54,12 +60,25 @@ def subject_for_build(
         prompt=manifest.verify.prompt or DEFAULT_PROMPT,
         image=manifest.verify.image,
         manifest_path=manifest_path,
+        runtime=runtime_of(manifest),
+        timeout=float(manifest.verify.timeout),
     )
 
 
-def load_subject(target: Path, *, trust_remote_code: bool | None = None) -> Subject:
+def runtime_of(manifest: Manifest) -> dict[str, Any]:
+    if manifest.verify.python is not None:
+        return {"python": str(manifest.verify.python)}
+    if manifest.verify.requirements is not None:
+        return {"requirements": list(manifest.verify.requirements)}
+    return {}
+
+
+def load_subject(
+    target: Path, *, trust_remote_code: bool | None = None, python: Path | None = None
+) -> Subject:
     """A build folder, or a manifest (its output.dir). The manifest, found through the folder's local record
-    when only the folder is given, supplies the settings; `trust_remote_code` from the command line wins."""
+    when only the folder is given, supplies the settings; `trust_remote_code` and `python` from the command
+    line win. Without a manifest, the runtime the folder was last verified with (local record) is reused."""
     manifest_path: Path | None = None
     if target.is_file():
         manifest_path, target = target, load_manifest(target).output.dir
@@ -82,7 +101,22 @@ def load_subject(target: Path, *, trust_remote_code: bool | None = None) -> Subj
         prompt=(manifest.verify.prompt if manifest else None) or DEFAULT_PROMPT,
         image=manifest.verify.image if manifest else None,
         manifest_path=manifest_path if manifest is not None else None,
+        runtime=_runtime(python, manifest, local),
+        timeout=float(manifest.verify.timeout) if manifest else 3600.0,
     )
+
+
+def _runtime(python: Path | None, manifest: Manifest | None, local: LocalRecord | None) -> dict[str, Any]:
+    if python is not None:
+        return {"python": str(python)}
+    if manifest is not None:
+        return runtime_of(manifest)
+    used = dict(local.runtime or {}) if local else {}
+    if used.get("kind") == "python" and used.get("python"):
+        return {"python": used["python"]}
+    if used.get("kind") == "requirements" and used.get("requirements"):
+        return {"requirements": list(used["requirements"])}
+    return {}
 
 
 def _manifest_of(local: LocalRecord | None) -> Path | None:
