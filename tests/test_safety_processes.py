@@ -217,6 +217,7 @@ def test_build_verify_and_push_leave_every_input_byte_identical(
         output="build/model",
         extra={"push": {"repo": repo_id}},
     )
+    manifest.write_text("# private: the run on the cluster's spare node\n" + manifest.read_text())
     project = manifest.parent
     monkeypatch.chdir(project)  # where a bare `hubsync push` finds the last build (.hubsync/)
     cache = base_snapshot_folder(published_remote_base)
@@ -238,3 +239,7 @@ def test_build_verify_and_push_leave_every_input_byte_identical(
         "model",
     ]
     assert local_paths_in(result.output, tmp_path) == []
+    published = [p for p in result.output.rglob("*") if p.is_file()]
+    assert not [p.name for p in published if b"spare node" in p.read_bytes()], (
+        "a manifest comment was published"
+    )
