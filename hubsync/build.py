@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubsync import __version__
+from hubsync import __version__, fsio
 from hubsync.card import CardInputs, render_card
 from hubsync.compare import TensorDiff, compare
-from hubsync.errors import BuildError, VerifyError
+from hubsync.errors import VerifyError
 from hubsync.finetune import FinetuneInventory, is_weight_file, read_finetune
 from hubsync.manifest import Manifest, load_manifest
 from hubsync.plan import Plan, make_plan, output_dtype_for
@@ -32,6 +32,7 @@ from hubsync.record import (
     save_local,
 )
 from hubsync.resolve import BaseInventory, read_json_files, resolve_base
+from hubsync.safety import check_output, check_replace, failed_folder
 from hubsync.write import (
     OutputLock,
     WrittenFile,
@@ -85,10 +86,11 @@ def _same_files(base: BaseInventory, finetune: FinetuneInventory) -> frozenset[s
 
 
 def prepare(manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prepared:
-    """Everything up to and including the plan; writes nothing."""
-    return prepare_manifest(
-        load_manifest(manifest_path), manifest_path, allow_untuned_changes=allow_untuned_changes
-    )
+    """Everything up to and including the plan; writes nothing, and refuses an output.dir that breaks the
+    output-safety rule before anything is downloaded."""
+    manifest = load_manifest(manifest_path)
+    check_output(manifest, manifest_path)
+    return prepare_manifest(manifest, manifest_path, allow_untuned_changes=allow_untuned_changes)
 
 
 def prepare_manifest(
@@ -176,11 +178,9 @@ def build(
     record_last_build: bool = True,
 ) -> BuildResult:
     """Write the output folder; with `verify`, verify it before it replaces the previous output."""
-    prep = prepare(manifest_path, allow_untuned_changes=allow_untuned_changes)
+    prep = prepare(manifest_path, allow_untuned_changes=allow_untuned_changes)  # checks output.dir first
     prep.plan.raise_for_problems()
     output = prep.manifest.output.dir
-    if output.exists() and not output.is_dir():
-        raise BuildError(f"output.dir {output} exists and is not a folder: choose another output.dir")
     with OutputLock(output):
         remove_stale_staging(output)
         staging = new_staging(output)
@@ -212,6 +212,7 @@ def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildRe
         if not report.passed:
             failed = _keep_failed(staging, output)
             return BuildResult(output, prep.plan, tuple(written), record, report, failed_output=failed)
+    check_replace(output, what="output.dir")  # again, now: the folder may have changed since the plan
     swap_into_place(staging, output)
     return BuildResult(output, prep.plan, tuple(written), record, report)
 
@@ -234,9 +235,10 @@ def _verify_staging(prep: Prepared, staging: Path, record: BuildRecord) -> tuple
 
 def _keep_failed(staging: Path, output: Path) -> Path:
     """A build that failed verification never replaces the output; it is kept beside it for inspection."""
-    failed = output.with_name(f"{output.name}.failed")
+    failed = failed_folder(output)
+    check_replace(failed, what="the folder for a failed build")
     shutil.rmtree(failed, ignore_errors=True)
-    staging.rename(failed)
+    fsio.rename(staging, failed)
     return failed
 
 

@@ -72,9 +72,11 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 def validate(manifest: Path, as_json: bool) -> None:
     """Check a manifest and report every mistake at once, each with its file:line."""
     from hubsync.manifest import load_manifest
+    from hubsync.safety import check_manifest_output
 
     try:
         loaded = load_manifest(manifest)
+        check_manifest_output(loaded, manifest)  # the output-safety rule, at output.dir's line
     except ManifestError as err:
         if as_json:
             _echo_json({"valid": False, "problems": [p.to_dict() for p in err.problems]})

@@ -16,6 +16,7 @@ from hubsync.fsio import list_files
 from hubsync.manifest import FinetuneSpec
 from hubsync.names import Unmapped, architecture_renames, map_names
 from hubsync.resolve import read_json
+from hubsync.safety import check_inputs_stay_inside
 from hubsync.tensors import Checkpoint, TensorRef, list_checkpoint
 
 # What trainers leave beside the weights; none of it belongs in a published model repo.
@@ -200,6 +201,11 @@ def read_finetune(
 ) -> FinetuneInventory:
     """Read the fine-tune's tensor headers (or adapter) and map every name onto the base."""
     folder = locate(spec)
+    files = list_files(folder)
+    # Read only what is inside the fine-tune: a weight, config or kept file linked in from elsewhere is refused.
+    check_inputs_stay_inside(
+        spec.path, folder, [f for f in files if not is_leftover(f)], what="the fine-tune folder"
+    )
     notes: list[str] = []
     problems: tuple[str, ...] = ()
     derived: tuple[str, ...] | None = None
@@ -227,7 +233,7 @@ def read_finetune(
         checkpoint=checkpoint,
         base_names=mapping,
         unmapped=unmapped,
-        files=list_files(folder),
+        files=files,
         config=read_json(folder / "config.json"),
         renamed=renamed,
         notes=tuple(notes),

@@ -42,6 +42,11 @@ def describe_os_error(err: OSError, path: str | os.PathLike[str], doing: str) ->
     return f"cannot {doing} {path}: {cause}"
 
 
+def is_filesystem_error(err: OSError) -> bool:
+    """An error of this machine's files (a full disk, a read-only folder), as opposed to the network's."""
+    return err.filename is not None or err.errno in _CAUSES
+
+
 def os_error(
     err: OSError, path: str | os.PathLike[str], doing: str, error: type[HubsyncError] = BuildError
 ) -> HubsyncError:
@@ -56,6 +61,29 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "hubsync"
+
+
+def make_dir(
+    folder: Path, *, parents: bool = False, exist_ok: bool = False, error: type[HubsyncError] = BuildError
+) -> None:
+    """mkdir whose OS errors (a file in the way, a read-only or full filesystem) are one line."""
+    try:
+        folder.mkdir(parents=parents, exist_ok=exist_ok)
+    except OSError as err:
+        raise os_error(err, _failing_path(err, folder), "create", error) from None
+
+
+def rename(src: Path, dst: Path, *, error: type[HubsyncError] = BuildError) -> None:
+    """os.rename whose OS errors (a mount point, another filesystem, a busy folder) are one line."""
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        raise os_error(err, dst, f"move {src} to", error) from None
+
+
+def _failing_path(err: OSError, fallback: Path) -> str | os.PathLike[str]:
+    """The path the OS named in the error (with parents=True, maybe an ancestor), else `fallback`."""
+    return err.filename if isinstance(err.filename, (str, os.PathLike)) else fallback
 
 
 def fsync_dir(folder: Path) -> None:

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from hubsync.errors import ManifestError, ManifestProblem
+from hubsync.yaml_limits import YamlLimitError, check_file_size, compose_bounded
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -355,8 +356,12 @@ class _LineMap:
         self.lines: dict[tuple[str | int, ...], int] = {}
         self.duplicates: list[tuple[tuple[str | int, ...], int]] = []
 
-    def walk(self, node: yaml.Node, path: tuple[str | int, ...]) -> None:
+    def walk(self, node: yaml.Node, path: tuple[str | int, ...], visited: set[int] | None = None) -> None:
         self.lines.setdefault(path, node.start_mark.line + 1)
+        visited = set() if visited is None else visited
+        if id(node) in visited:  # an alias: its keys keep the anchor's lines; never expand it again
+            return
+        visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for key_node, value_node in node.value:
@@ -365,11 +370,11 @@ class _LineMap:
                     self.duplicates.append((path + (key,), key_node.start_mark.line + 1))
                 seen.add(key)
                 self.lines[path + (key,)] = key_node.start_mark.line + 1
-                self.walk(value_node, path + (key,))
+                self.walk(value_node, path + (key,), visited)
                 self.lines[path + (key,)] = key_node.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                self.walk(item, path + (i,))
+                self.walk(item, path + (i,), visited)
 
     def line_for(self, path: tuple[str | int, ...]) -> int | None:
         while path:
@@ -442,8 +447,10 @@ def _drop_missing_explained_by_typo(problems: list[ManifestProblem]) -> list[Man
 def parse_manifest(text: str, *, file: str = "<manifest>", root: Path | None = None) -> Manifest:
     """Parse and validate manifest text; raise ManifestError listing every problem with its location."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = compose_bounded(text)  # first: everything below walks the document, aliases expanded
         data = yaml.safe_load(text)
+    except YamlLimitError as err:
+        raise ManifestError([ManifestProblem(file, err.line, "", err.message)], file) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -488,12 +495,24 @@ def load_manifest(path: str | Path) -> Manifest:
             [ManifestProblem(str(path), None, "", "no such manifest file: check the path")], str(path)
         )
     try:
+        check_file_size(path.stat().st_size)
         text = path.read_text(encoding="utf-8")
+    except YamlLimitError as err:
+        raise ManifestError([ManifestProblem(str(path), None, "", err.message)], str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ManifestError(
             [ManifestProblem(str(path), None, "", f"cannot be read ({err})")], str(path)
         ) from None
     return parse_manifest(text, file=str(path), root=path.resolve().parent)
+
+
+def line_of(path: Path, key: tuple[str | int, ...]) -> int | None:
+    """The line of `key` in a manifest file that parsed, for problems found after validation."""
+    lines = _LineMap()
+    node = compose_bounded(path.read_text(encoding="utf-8"))
+    if node is not None:
+        lines.walk(node, ())
+    return lines.line_for(key)
 
 
 def json_schema() -> dict[str, Any]:

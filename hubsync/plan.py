@@ -17,6 +17,7 @@ from typing import Any, Literal
 from hubsync.compare import TensorDiff
 from hubsync.errors import PlanError
 from hubsync.finetune import FinetuneInventory, is_leftover, is_weight_file
+from hubsync.formats import stale_weight_copies
 from hubsync.manifest import Manifest
 from hubsync.resolve import BaseInventory
 
@@ -121,6 +122,7 @@ class Plan:
     notes: tuple[str, ...]
     problems: tuple[str, ...]
     suggested_tuned: tuple[str, ...] = field(default_factory=tuple)
+    dropped_base: tuple[tuple[str, str], ...] = ()  # (file, why): base files that never reach the output
 
     @property
     def ok(self) -> bool:
@@ -303,6 +305,11 @@ def make_plan(
     files = _weight_files(base, base_json, tensor_plans)
     json_out, config_diff = _config_files(manifest, base, finetune, base_json, found)
     other_files, restored = _other_files(manifest, base, finetune, json_out, finetune_same_files)
+    stale = stale_weight_copies(
+        base.files, [*base.shard_names, *([base.index_name] if base.index_name else [])]
+    )
+    other_files = [f for f in other_files if not (f.source == "base" and f.path in stale)]
+    restored = [r for r in restored if r[0] not in stale]
     _note_restored(restored, found)
     dropped = _dropped_files(manifest, base, finetune, found)
     return Plan(
@@ -322,6 +329,7 @@ def make_plan(
         notes=tuple(found.notes),
         problems=tuple(found.problems),
         suggested_tuned=suggested,
+        dropped_base=tuple(stale.items()),
     )
 
 
@@ -796,6 +804,8 @@ def render(plan: Plan) -> str:
             lines.append(f"  {c.key}: {c.base!r} -> {c.finetune!r}  {c.decision}")
     if plan.dropped:
         lines += ["", "left out of the output: " + ", ".join(plan.dropped)]
+    if plan.dropped_base:
+        lines += ["", "base files left out"] + [f"  {path}: {why}" for path, why in plan.dropped_base]
     if plan.notes:
         lines += ["", "notes"] + [f"  - {n}" for n in plan.notes]
     if plan.problems:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hubsync.errors import BaseResolutionError
-from hubsync.fsio import list_files, read_json_object
+from hubsync.fsio import describe_os_error, is_filesystem_error, list_files, read_json_object
 from hubsync.manifest import BaseSpec
 from hubsync.tensors import Checkpoint, list_checkpoint
 
@@ -134,10 +134,22 @@ def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
             f"the Hub answered HTTP {status} while fetching {where}: retry later, or check HF_TOKEN"
         ) from None
     except OSError as err:
+        if is_filesystem_error(err):  # a full or read-only cache is this machine's problem, not the network's
+            raise BaseResolutionError(_cache_error(err, where)) from None
         raise BaseResolutionError(
             f"cannot reach the Hub to fetch {where} ({type(err).__name__}): check the network or HF_ENDPOINT, "
             "or build from the cache with HF_HUB_OFFLINE=1"
         ) from None
+
+
+def _cache_error(err: OSError, where: str) -> str:
+    from huggingface_hub import constants
+
+    path = err.filename if isinstance(err.filename, str) else constants.HF_HUB_CACHE
+    return (
+        f"{describe_os_error(err, path, 'write')} (downloading {where} into the Hugging Face cache; "
+        "HF_HUB_CACHE or HF_HOME can move the cache)"
+    )
 
 
 def resolve_base(spec: BaseSpec) -> BaseInventory:

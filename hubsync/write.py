@@ -9,9 +9,11 @@ beside the output makes a second concurrent build into the same folder refuse at
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,29 +38,63 @@ class WrittenFile:
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock on an output folder, held for the whole build."""
+    """An exclusive, non-blocking lock on an output folder, held for a whole build or verify.
+
+    A lock file beside the output, locked with flock: the kernel drops the lock when the holder dies, so a
+    killed build never leaves the folder locked. Only "held by someone else" says so; any other OS error
+    (a read-only or missing parent, a file in the way) is one line naming the path and the cause.
+    """
 
     def __init__(self, output: Path) -> None:
-        from filelock import FileLock
-
         self.output = output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(output.parent / f".{output.name}.hubsync.lock"), timeout=0)
+        self.path = output.parent / f".{output.name}.hubsync.lock"
+        self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        from filelock import Timeout
-
+        fsio.make_dir(self.output.parent, parents=True, exist_ok=True)
         try:
-            self._lock.acquire()
-        except Timeout:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as err:
+            raise fsio.os_error(err, self.path, "create the lock file") from None
+        try:
+            locked = _lock_nonblocking(fd)
+        except OSError as err:
+            os.close(fd)
+            raise fsio.os_error(err, self.path, "lock") from None
+        if not locked:
+            os.close(fd)
             raise BuildError(
-                f"another hubsync build is writing {self.output} right now: wait for it to finish, "
+                f"another hubsync build or verify is using {self.output} right now: wait for it to finish, "
                 "or build into another output.dir"
-            ) from None
+            )
+        self._fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def _lock_nonblocking(fd: int) -> bool:
+    """Lock `fd` exclusively; False when another process holds the lock. Other failures raise OSError."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EDEADLK):
+                return False
+            raise
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _staging_prefix(output: Path) -> str:
@@ -88,17 +124,18 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_into_place(staging: Path, output: Path) -> None:
-    """Make `staging` the output. The old output is replaced in one step where the OS allows it."""
-    if not output.exists():
-        os.rename(staging, output)
+    """Make `staging` the output. The old output is replaced in one step where the OS allows it. Callers
+    check first that `output` may be replaced (hubsync.safety.check_replace)."""
+    if not os.path.lexists(output):
+        fsio.rename(staging, output)
     elif _exchange(staging, output):
         shutil.rmtree(staging)  # now holds the previous output
     else:
         # Fallback (non-Linux): two renames; a crash between them leaves the old build in `.old`, never a mix.
         old = output.with_name(f".{output.name}.hubsync-old")
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(output, old)
-        os.rename(staging, output)
+        fsio.rename(output, old)
+        fsio.rename(staging, output)
         shutil.rmtree(old, ignore_errors=True)
     fsio.fsync_dir(output.parent)
 
@@ -148,7 +185,7 @@ def write_files(
         if item.action == "provenance":
             continue
         dest = staging / item.path
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        fsio.make_dir(dest.parent, parents=True, exist_ok=True)
         sha = _write_one(item, dest, plan, base, finetune, link=link, card_text=card_text)
         written.append(WrittenFile(item.path, sha, dest.stat().st_size, item.source))
         log.debug("wrote %s (%s, %s)", item.path, item.source, item.action)
@@ -183,16 +220,34 @@ def _write_one(
 def new_staging(output: Path) -> Path:
     staging = output.parent / f"{_staging_prefix(output)}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    fsio.make_dir(staging, parents=True)
     return staging
 
 
 def relink_into_staging(folder: Path) -> Path:
-    """A staging folder beside `folder` holding hard links to all of its files, so that a few files can be
-    replaced (unlink, then write) and the whole swapped in at once. Never writes through a link."""
+    """A staging folder beside `folder` that is the same tree: every folder, every file as a hard link, every
+    symlink as a symlink, hidden ones included, so that a few files can be replaced (unlink, then write) and
+    the whole swapped in at once without losing anything. Never writes through a link."""
     staging = new_staging(folder)
-    for rel in fsio.list_files(folder):
-        dest = staging / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        T.copy_file(folder / rel, dest, mode="hardlink")
+    for here, dirs, files in os.walk(folder):
+        rel = Path(here).relative_to(folder)
+        for name in dirs:
+            source, dest = Path(here) / name, staging / rel / name
+            if source.is_symlink():
+                _copy_link(source, dest)
+            else:
+                fsio.make_dir(dest)
+        for name in files:
+            source, dest = Path(here) / name, staging / rel / name
+            if source.is_symlink():
+                _copy_link(source, dest)
+            else:
+                T.copy_file(source, dest, mode="hardlink")
     return staging
+
+
+def _copy_link(source: Path, dest: Path) -> None:
+    try:
+        os.symlink(os.readlink(source), dest)
+    except OSError as err:
+        raise fsio.os_error(err, dest, "create") from None

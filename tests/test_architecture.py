@@ -15,9 +15,11 @@ PACKAGE = Path(hubsync.__file__).parent
 # The pipeline, bottom to top: a module may import its own layer's modules and those below, never above.
 # (`testing` ships the emulator and fixtures; only the demo and tests use it.)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("hubsync", "errors", "fsio"),
+    ("hubsync", "errors", "fsio", "yaml_limits", "formats"),
     ("tensors",),
+    ("record",),
     ("manifest",),
+    ("safety",),
     ("resolve",),
     ("names",),
     ("adapters",),
@@ -25,7 +27,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("compare",),
     ("plan",),
     ("card",),
-    ("record",),
     ("write",),
     ("verify",),
     ("build",),

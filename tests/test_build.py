@@ -604,7 +604,7 @@ def test_concurrent_build_into_the_same_output_refuses(
 ) -> None:
     manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
     with OutputLock(tmp_path / "out"):
-        with pytest.raises(BuildError, match=r"another hubsync build is writing .*out right now"):
+        with pytest.raises(BuildError, match=r"another hubsync build or verify is using .*out right now"):
             build(manifest, record_last_build=False)
 
 

@@ -10,10 +10,13 @@ is re-rendered with the results; both are swapped in together, so a kill leaves 
 from __future__ import annotations
 
 import platform
+import shutil
 from pathlib import Path
 
 from hubsync import __version__
+from hubsync.errors import VerifyError
 from hubsync.record import BuildRecord, FileEntry, LocalRecord, load_local, save, save_local
+from hubsync.safety import check_replace
 from hubsync.verify.files import check_code_is_the_base, check_files, check_hashes
 from hubsync.verify.report import Report, render_report, summary_line
 from hubsync.verify.subject import Subject, load_subject, subject_for_build
@@ -90,18 +93,34 @@ def verify(
     update_record: bool = True,
 ) -> Report:
     """Verify a build folder (or a manifest's output) and record the result in it."""
-    from hubsync.write import OutputLock, relink_into_staging, swap_into_place
+    from hubsync.write import OutputLock, remove_stale_staging
 
     subject = load_subject(target, trust_remote_code=trust_remote_code, python=python)
     if not update_record:  # reads only: no lock, nothing written beside the folder
         return run_checks(subject, run_models=run_models)[0]
+    # before the lock: its file beside the folder is already a write (a cache must see none)
+    check_replace(subject.folder, what="the verified folder", error=VerifyError)
     with OutputLock(subject.folder):  # no build may swap the folder while it is verified and recorded
+        remove_stale_staging(subject.folder)
         report, current = run_checks(subject, run_models=run_models)
-        staging = relink_into_staging(subject.folder)
-        record = record_verification(staging, subject.record, report, current)
-        swap_into_place(staging, subject.folder)
+        record = _record_in_place(subject, report, current)
         _save_local(subject, record, report)
     return report
+
+
+def _record_in_place(subject: Subject, report: Report, current: dict[str, str]) -> BuildRecord:
+    """Card and hubsync.json written into a relinked copy of the folder, swapped in at once: a kill leaves
+    the old pair or the new one, never one of each."""
+    from hubsync.write import relink_into_staging, swap_into_place
+
+    staging = relink_into_staging(subject.folder)
+    try:
+        record = record_verification(staging, subject.record, report, current)
+        swap_into_place(staging, subject.folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
 
 
 def _save_local(subject: Subject, record: BuildRecord, report: Report) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from hubsync import fsio
 from hubsync.finetune import is_weight_file
+from hubsync.formats import weight_copy_kind
 from hubsync.plan import CONFIG_PAIRS, auto_map_refs, dotted_get
 from hubsync.record import RECORD_FILE, hash_files
 from hubsync.resolve import read_json_files
@@ -75,7 +76,9 @@ def _json_files(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _check_present(subject: Subject, report: Report, out_files: set[str]) -> None:
     needed = [
-        f for f in fsio.list_files(subject.base_folder) if not is_weight_file(f) and f not in NOT_LOADER_FILES
+        f
+        for f in fsio.list_files(subject.base_folder)
+        if not is_weight_file(f) and f not in NOT_LOADER_FILES and weight_copy_kind(f) is None
     ]
     missing = [f for f in needed if f not in out_files]
     report.add(

@@ -84,6 +84,7 @@ def load_subject(
         manifest_path, target = target, load_manifest(target).output.dir
     if not target.is_dir():
         raise VerifyError(f"{target} is neither a build folder nor a manifest: run `hubsync build` first")
+    target = target.resolve()  # one name for the folder, so that a build and a verify share its lock
     record = load(target)
     local = load_local(target, record)
     manifest_path = manifest_path or _manifest_of(local)
