@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from hubsync.compare import TensorDiff
+from hubsync.compare import TensorDiff, rounding_notes
 from hubsync.errors import PlanError
 from hubsync.finetune import FinetuneInventory, is_leftover, is_weight_file
 from hubsync.manifest import Manifest
@@ -289,6 +289,7 @@ def make_plan(
 
     problems.extend(finetune.problems)
     notes.extend(finetune.notes)
+    notes.extend(rounding_notes(diffs))
     # --- tensors: where each one comes from -------------------------------------------------------------
     for u in finetune.unmapped:
         problems.append(f"fine-tune tensor {u.name} does not map onto the base: {u.reason}")
