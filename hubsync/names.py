@@ -14,7 +14,7 @@ plan shows. Everything here is pure except `architecture_renames`, which reads t
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +188,9 @@ class InferredRename:
 
     @property
     def note(self) -> str:
-        return f"inferred rename: {self.source} -> {self.target} ({self.tensors} tensors)"
+        return (
+            f"inferred rename: {self.source} -> {self.target or '(prefix removed)'} ({self.tensors} tensors)"
+        )
 
 
 @dataclass(frozen=True)
@@ -244,30 +246,35 @@ def _align(
     return aligned, ties
 
 
-def _extend(source: str, target: str, pairs: list[tuple[str, str]]) -> tuple[str, str]:
-    """Grow a rename by the module names that all its tensors share on both sides (`model.` -> `` covering
-    only `model.visual.*` becomes `model.visual.` -> `visual.`), so that it reads as the module it moves."""
-    while True:
+def _extend(source: str, target: str, pairs: list[tuple[str, str]], names: set[str]) -> tuple[str, str]:
+    """Grow a rename by the module names all its tensors share on both sides, while its source still covers
+    names it does not explain: `model.` -> `` for `model.visual.*` alone (beside `model.language_model.*`)
+    becomes `model.visual.` -> `visual.`, which reads as the module it moves and claims nothing else."""
+    own = {n for n, _ in pairs}
+    while source == "" or any(n.startswith(source) and n not in own for n in names):
         rests = [(n[len(source) :].split("."), b[len(target) :].split(".")) for n, b in pairs]
         heads = {(r[0], q[0]) for r, q in rests}
         if len(heads) != 1 or any(len(r) < 2 or len(q) < 2 for r, q in rests):
-            return source, target
+            break
         head, base_head = heads.pop()
         if head != base_head:
-            return source, target
+            break
         source, target = source + head + ".", target + head + "."
+    return source, target
 
 
 def _candidate_renames(
-    names: Mapping[str, str], aligned: Mapping[str, tuple[str, int]]
+    names: Mapping[str, str], aligned: Mapping[str, tuple[str, int]], mapped: Iterable[str]
 ) -> dict[str, dict[str, int]]:
-    """source prefix -> {target prefix: evidence count}, from the aligned names."""
+    """source prefix -> {target prefix: evidence count}, from the aligned names (`mapped`: the normalised
+    names of the fine-tune tensors already mapped, which a rename must not seem to cover)."""
     groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for name, (base, k) in aligned.items():
         groups.setdefault(_prefixes(names[name], base, k), []).append((names[name], base))
     found: dict[str, dict[str, int]] = {}
+    every = set(names.values()) | set(mapped)
     for (source, target), pairs in groups.items():
-        source, target = _extend(source, target, pairs)
+        source, target = _extend(source, target, pairs, every)
         if source:  # an empty source would rename every name: too broad to infer
             found.setdefault(source, {}).setdefault(target, 0)
             found[source][target] += len(pairs)
@@ -275,10 +282,14 @@ def _candidate_renames(
 
 
 def infer_renames(
-    names: Mapping[str, str], shapes: Mapping[str, Shape], base_shapes: Mapping[str, Shape]
+    names: Mapping[str, str],
+    shapes: Mapping[str, Shape],
+    base_shapes: Mapping[str, Shape],
+    mapped: Iterable[str] = (),
 ) -> Inference:
     """Renames that explain the fine-tune names no table explained. `names`: fine-tune name -> normalised name
-    (`normalise`), for the unmapped names only; `base_shapes`: the base tensors nothing claimed yet. Pure.
+    (`normalise`), for the unmapped names only; `base_shapes`: the base tensors nothing claimed yet; `mapped`:
+    the normalised names of the fine-tune tensors mapped already. Pure.
 
     Each unmapped name is aligned with the base tensor of the same shape whose name shares its longest ending
     (at least two segments); the prefixes in front of the shared ending are the rename. A rename is accepted
@@ -286,7 +297,7 @@ def infer_renames(
     only if there are few of them; otherwise, or when a name matches several base tensors equally well, the
     names are refused with the candidates and the manifest rule that settles it."""
     aligned, ties = _align(names, shapes, base_shapes)
-    candidates = _candidate_renames(names, aligned)
+    candidates = _candidate_renames(names, aligned, mapped)
     problems: list[str] = []
     refused: set[str] = set()
     renames: dict[str, str] = {}
@@ -462,7 +473,12 @@ def resolve_names(
     tied = tied_copies(missing, shapes, base_shapes)
     claimed = set(mapping.values())
     unclaimed = {b: s for b, s in base_shapes.items() if b not in claimed}
-    inference = infer_renames({n: m for n, m in missing.items() if n not in tied}, shapes, unclaimed)
+    inference = infer_renames(
+        {n: m for n, m in missing.items() if n not in tied},
+        shapes,
+        unclaimed,
+        mapped=[normalise(n, rules) for n in mapping],
+    )
     settled = set(tied) | set(inference.mapping) | inference.refused
     return NameMapping(
         mapping={**mapping, **inference.mapping},

@@ -35,6 +35,7 @@ VISION_HINTS = (
     "resampler",
     "multi_modal_projector",
     "mm_projector",
+    "connector",  # Idefics3 / SmolVLM's projector
     "image",
     "img",
 )
