@@ -200,13 +200,13 @@ def test_one_prefix_pointing_at_two_modules_is_refused() -> None:
         ("m.y.", "b.y."),
     }
     # the same prefix with evidence for two targets is a conflict
-    base: Shapes = {
+    base = {
         "a.conv.weight": (4, 4),
         "a.norm.weight": (4,),
         "b.proj.weight": (8, 8),
         "b.bias.weight": (8,),
     }
-    raw: Shapes = {
+    raw = {
         "m.conv.weight": (4, 4),
         "m.norm.weight": (4,),
         "m.proj.weight": (8, 8),
