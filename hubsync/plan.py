@@ -18,6 +18,7 @@ from hubsync.errors import PlanError
 from hubsync.finetune import FinetuneInventory, is_leftover, is_weight_file
 from hubsync.manifest import Manifest
 from hubsync.resolve import BaseInventory
+from hubsync.tuned import boundary_problems, first_match, matches, propose_modules
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 NAMED_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -153,7 +154,7 @@ def output_dtype_for(manifest: Manifest) -> Any:
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> str | None:
-    return next((p for p in prefixes if name.startswith(p)), None)
+    return first_match(name, prefixes)
 
 
 def suggest_prefixes(changed: set[str], unchanged: set[str]) -> tuple[str, ...]:
@@ -302,7 +303,8 @@ def make_plan(
     changed = {n for n, d in diffs.items() if d.state == "changed"}
     different = {n for n, d in diffs.items() if d.state in ("changed", "vanished")}
     unchanged = set(base_tensors) - different
-    suggested = suggest_prefixes(different, unchanged) if different else ()
+    sizes = {n: info.numel for n, info in base_tensors.items()}
+    suggested = propose_modules(different, sizes) if different else ()
 
     take_from_finetune: set[str] = set()
     if tuned is None:
@@ -317,8 +319,9 @@ def make_plan(
                 "the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast"
             )
     else:
+        problems.extend(boundary_problems(tuned, base_tensors))
         for prefix in tuned:
-            if not any(n.startswith(prefix) for n in base_tensors):
+            if not any(matches(prefix, n) for n in base_tensors):
                 problems.append(
                     f"tuned prefix '{prefix}' matches no tensor of the base: check `finetune.tuned`"
                 )
@@ -350,7 +353,7 @@ def make_plan(
     # --- per prefix summary ---------------------------------------------------------------------------
     prefixes: list[PrefixSummary] = []
     for prefix in tuned or suggested:
-        names = [n for n in base_tensors if n.startswith(prefix)]
+        names = [n for n in base_tensors if matches(prefix, n)]
         ch = [diffs[n] for n in names if n in diffs and diffs[n].state == "changed"]
         vanished = [n for n in names if n in diffs and diffs[n].state == "vanished"]
         finite = [d for d in ch if not d.nonfinite]

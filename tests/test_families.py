@@ -297,3 +297,71 @@ def assert_loads_and_runs(out: Path, name: str) -> None:
         assert results["tuned parts are live"][0] and results["generation"][0]
     assert results["model loads"] == (True, "loads with no missing, unexpected or mismatched keys")
     assert results["frozen parts untouched"][0], results["frozen parts untouched"]
+
+
+# --- tuned prefixes: hygiene, regexes, what doctor proposes ----------------------------------------------------
+
+
+def test_prefixes_without_their_dot_are_refused_by_the_plan(tmp_path: Path, family_base: BaseFactory) -> None:
+    base = family_base("minicpmv26", "checkpoint")
+    ft = make_family_finetune(base, "minicpmv26", "save_pretrained", tmp_path / "ft")
+    manifest = write_manifest(tmp_path, base, ft, ("v", "r"))
+    assert prepare(manifest).plan.problems == (
+        (
+            "tuned prefix 'v' stops inside a name (vpm.): did you mean `vpm.`? A prefix ends at a dot or is a whole "
+            "tensor name; write `re:<pattern>` for a regex"
+        ),
+        (
+            "tuned prefix 'r' stops inside a name (resampler.): did you mean `resampler.`? A prefix ends at a dot or "
+            "is a whole tensor name; write `re:<pattern>` for a regex"
+        ),
+    )
+    with pytest.raises(PlanError, match=r"did you mean `vpm\.`\?"):
+        build(manifest, record_last_build=False)
+
+
+def test_a_regex_tuned_entry_builds_and_its_modules_are_seen_live(
+    tmp_path: Path, family_base: BaseFactory
+) -> None:
+    base = family_base("llava", "checkpoint")
+    ft = make_family_finetune(base, "llava", "accelerate", tmp_path / "raw")
+    pattern = r"re:(vision_tower|multi_modal_projector)\."
+    result = build(write_manifest(tmp_path, base, ft, (pattern,)), record_last_build=False)
+    assert result.plan.problems == ()
+    assert {p.prefix: p.changed for p in result.plan.prefixes} == {pattern: len(result.plan.tuned_tensors)}
+    assert_build_is_faithful(result.output, base, ft, ["vision_tower.", "multi_modal_projector."])
+    live = next(c for c in verify(result.output).checks if c.name == "tuned parts are live")
+    assert live.ok and pattern in live.figures["deltas"], live
+
+
+def test_doctor_proposes_modules_and_lists_what_did_not_move(
+    tmp_path: Path, family_base: BaseFactory
+) -> None:
+    """MiniCPM-V trained in bf16 at a small learning rate: the LayerNorm weights (1.0) never move."""
+    from hubsync.doctor import diagnose
+
+    base = family_base("minicpmv26", "checkpoint")
+    ft = make_family_finetune(base, "minicpmv26", "save_pretrained", tmp_path / "ft")
+    state, base_state = load_file(str(ft / "model.safetensors")), _base_state(base)
+    norms = sorted(n for n in state if n.startswith(("vpm.", "resampler.")) and _is_norm_weight(n))
+    for name in norms:
+        state[name] = base_state[name]
+    save_file(state, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    diagnosis = diagnose(ft, str(base), cwd=tmp_path)
+    assert "changed parts (declare them as finetune.tuned): resampler., vpm." in diagnosis.findings
+    vpm_norms = [n for n in norms if n.startswith("vpm.")]
+    assert (
+        f"{len(vpm_norms)} tensor(s) under vpm. did not move (the build keeps the base's): "
+        + ", ".join(vpm_norms[:4])
+        + f" and {len(vpm_norms) - 4} more"
+    ) in diagnosis.findings
+    assert "tuned:\n  - resampler.\n  - vpm.\n" in diagnosis.manifest_text
+
+
+def _is_norm_weight(name: str) -> bool:
+    module, leaf = name.split(".")[-2:]
+    return leaf == "weight" and ("norm" in module or module.startswith("ln_"))
+
+
+def _base_state(base: Path) -> dict[str, torch.Tensor]:
+    return {n: T.load_tensor(info) for n, info in T.list_checkpoint(base).tensors.items()}

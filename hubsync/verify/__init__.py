@@ -23,6 +23,7 @@ from typing import Any
 
 from hubsync import tensors as T
 from hubsync.errors import HubsyncError, VerifyError
+from hubsync.tuned import matches
 
 log = logging.getLogger("hubsync")
 PROVENANCE = "hubsync.json"
@@ -399,7 +400,7 @@ def check_weights(subject: Subject, report: Report) -> None:
             src = tuned[name].get("from", name)
             if src in ft.tensors and not T.load_tensor(ft.tensors[src]).to(out_t.dtype).equal(out_t):
                 tuned_bad.append(f"{name} differs from the fine-tune's {src} cast to {o.dtype}")
-        prefix = next((p for p in subject.tuned_prefixes if name.startswith(p)), "(other)")
+        prefix = next((p for p in subject.tuned_prefixes if matches(p, name)), "(other)")
         max_abs, rel = T.delta_stats(base_t, out_t)
         d = deltas.setdefault(prefix, {"tensors": 0, "max_abs": 0.0, "rel": 0.0})
         d["tensors"] += 1
@@ -557,9 +558,20 @@ def _free(device: str) -> None:
 
 def _tuned_modules(model: Any, prefixes: tuple[str, ...]) -> dict[str, Any]:
     """The top modules of the tuned parts, under the model's own module names (checkpoint names may differ)."""
+    from hubsync.tuned import is_regex
+
     modules = dict(model.named_modules())
     found = {}
     for prefix in prefixes:
+        if is_regex(prefix):  # the shallowest module whose name (as a prefix) the pattern matches
+            hits = [
+                m
+                for m in modules
+                if m and any(matches(prefix, c + ".") for c in (m, m.removeprefix("model.")))
+            ]
+            if hits:
+                found[prefix] = modules[min(hits, key=lambda m: (m.count("."), m))]
+            continue
         name = prefix.rstrip(".")
         for candidate in (name, f"model.{name}", name.removeprefix("model.")):
             if candidate in modules:
