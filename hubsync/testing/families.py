@@ -635,7 +635,7 @@ def _tokenizer(family: Family) -> Any:
     if family.name in ("qwen2_vl", "qwen2_5_vl", "minicpmv26"):
         roles.setdefault("bos_token", "<|endoftext|>")
         roles.setdefault("eos_token", "<|im_end|>")
-    extra = {_EXTRA_SPECIAL[t]: t for t in family.special_tokens if t in _EXTRA_SPECIAL}
+    extra = {_EXTRA_SPECIAL[t]: t for t in family.special_tokens if t in _EXTRA_SPECIAL and not family.remote}
     cls: Any = PreTrainedTokenizerFast
     if family.remote:
         from hubsync.testing.remote_code_v26.tokenization_minicpmv_fast import MiniCPMVTokenizerFast
@@ -767,11 +767,36 @@ def _save_remote_processor(dest: Path, tokenizer: Any, processor: Any) -> None:
     )
     _write_json(dest / "preprocessor_config.json", preprocessor)
     tokenizer.save_pretrained(dest)
-    tokenizer_config = json.loads((dest / "tokenizer_config.json").read_text())
-    tokenizer_config["auto_map"] = {
-        "AutoTokenizer": [None, "tokenization_minicpmv_fast.MiniCPMVTokenizerFast"]
+    _write_json(dest / "tokenizer_config.json", _legacy_tokenizer_config(tokenizer))
+    (dest / "chat_template.jinja").unlink(missing_ok=True)  # 4.x kept the template in tokenizer_config.json
+
+
+def _legacy_tokenizer_config(tokenizer: Any) -> dict[str, Any]:
+    """tokenizer_config.json as transformers 4.x wrote it for openbmb/MiniCPM-V-2_6. transformers 5's own file
+    (`extra_special_tokens` as a list, `backend`) does not load in 4.x, and the repo was not made by 5.x."""
+    added = {
+        str(token_id): {
+            "content": token.content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for token_id, token in sorted(tokenizer.added_tokens_decoder.items())
     }
-    _write_json(dest / "tokenizer_config.json", tokenizer_config)
+    return {
+        "added_tokens_decoder": added,
+        "auto_map": {"AutoTokenizer": [None, "tokenization_minicpmv_fast.MiniCPMVTokenizerFast"]},
+        "bos_token": tokenizer.bos_token,
+        "chat_template": tokenizer.chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": tokenizer.eos_token,
+        "model_max_length": 32768,
+        "pad_token": tokenizer.pad_token,
+        "tokenizer_class": "MiniCPMVTokenizerFast",
+        "unk_token": "<unk>",
+    }
 
 
 def _card(family: Family, layout: str) -> str:
