@@ -632,9 +632,8 @@ def _tokenizer(family: Family) -> Any:
     roles: dict[str, str] = {}
     for token in family.special_tokens:
         roles.update(_SPECIAL_ROLES.get(token, {}))
-    if family.name in ("qwen2_vl", "qwen2_5_vl", "minicpmv26"):
+    if "<|im_end|>" in family.special_tokens:  # a ChatML vocabulary has no bos of its own
         roles.setdefault("bos_token", "<|endoftext|>")
-        roles.setdefault("eos_token", "<|im_end|>")
     extra = {_EXTRA_SPECIAL[t]: t for t in family.special_tokens if t in _EXTRA_SPECIAL and not family.remote}
     cls: Any = PreTrainedTokenizerFast
     if family.remote:
@@ -704,13 +703,8 @@ def _stored_state(family: Family, model: Any, layout: str) -> dict[str, torch.Te
 def _two_shards(state: Mapping[str, Any], family: Family, layout: str) -> list[list[str]]:
     """The language model's first layers in shard 1, everything else (vision included) in shard 2: a vision
     fine-tune leaves shard 1 a byte copy and rewrites shard 2, which also holds frozen tensors."""
-    first = sorted(k for k in state if ".layers.0." in k and not _is_vision(family, k, layout))
-    rest = sorted(k for k in state if k not in set(first))
-    return [first, rest]
-
-
-def _is_vision(family: Family, name: str, layout: str) -> bool:
-    return name.startswith(family.tuned[layout] if layout in family.tuned else family.tuned["checkpoint"])
+    first = {k for k in state if ".layers.0." in k and not k.startswith(family.tuned[layout])}
+    return [sorted(first), sorted(k for k in state if k not in first)]
 
 
 def _write_generation_config(dest: Path, tokenizer: Any) -> None:
