@@ -8,13 +8,16 @@ what is missing or stale against the base in plain words (the failure catalogue)
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from hubsync.errors import HubsyncError
 from hubsync.manifest import parse_manifest
+from hubsync.tuned import unmoved_under
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
     suggested = list(plan.suggested_tuned)
     if suggested:
         findings.append(f"changed parts (declare them as finetune.tuned): {', '.join(suggested)}")
+        findings.extend(_unmoved_findings(prep.diffs, suggested, prep.base.checkpoint.tensors))
     else:
         findings.append(
             "no tensor differs from the base: wrong checkpoint, or the change vanished in the cast"
@@ -121,6 +125,19 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
     parse_manifest(text, file="<doctor output>", root=cwd)  # the printed manifest must be one build accepts
     blocking = tuple(p for p in plan.problems if "not declared" not in p)
     return Diagnosis(tuple(findings), text, blocking)
+
+
+def _unmoved_findings(diffs: Mapping[str, Any], proposed: list[str], names: Iterable[str]) -> list[str]:
+    """The tensors inside the proposed modules that did not move (a bf16 LayerNorm weight at a small learning
+    rate): said, so that a module proposed whole does not hide them."""
+    moved = [n for n, d in diffs.items() if d.state in ("changed", "vanished")]
+    found = []
+    for prefix, still in unmoved_under(proposed, moved, names).items():
+        shown = ", ".join(still[:4]) + (f" and {len(still) - 4} more" if len(still) > 4 else "")
+        found.append(
+            f"{len(still)} tensor(s) under {prefix} did not move (the build keeps the base's): {shown}"
+        )
+    return found
 
 
 __all__ = ["Diagnosis", "HubsyncError", "diagnose"]

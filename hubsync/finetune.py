@@ -14,7 +14,7 @@ from typing import Any
 from hubsync.errors import FinetuneError
 from hubsync.fsio import list_files
 from hubsync.manifest import FinetuneSpec
-from hubsync.names import Unmapped, architecture_renames, map_names
+from hubsync.names import Unmapped, architecture_renames, resolve_names
 from hubsync.resolve import read_json
 from hubsync.safety import check_inputs_stay_inside
 from hubsync.tensors import Checkpoint, TensorRef, list_checkpoint
@@ -70,6 +70,7 @@ class FinetuneInventory:
     notes: tuple[str, ...] = field(default_factory=tuple)
     derived_tuned: tuple[str, ...] | None = None  # tuned prefixes implied by the source (a PEFT adapter)
     problems: tuple[str, ...] = field(default_factory=tuple)  # source-specific findings that stop the build
+    tied: dict[str, str] = field(default_factory=dict)  # fine-tune copy of a tied tensor -> the base tensor
 
 
 def locate(spec: FinetuneSpec) -> Path:
@@ -136,6 +137,7 @@ def _weights_folder(path: Path, spec: FinetuneSpec) -> Path:
     tag = _zero_tag(path)
     if tag is not None:
         return _consolidate_zero(path, tag)
+    refuse_fsdp_sharded(path)
     raise FinetuneError(
         f"{path} holds no weights (*.safetensors, pytorch_model*.bin or a PEFT adapter) and no checkpoint-N "
         "folder: point `finetune.path` at the trainer's output folder"
@@ -191,6 +193,18 @@ def _consolidate_zero(path: Path, tag: str) -> Path:
     return out
 
 
+def refuse_fsdp_sharded(path: Path) -> None:
+    """An FSDP SHARDED_STATE_DICT save (`pytorch_model_fsdp_0/` of torch.distributed.checkpoint files) holds
+    no state dict hubsync can read tensor by tensor: say how to merge it."""
+    for sharded in sorted(path.glob("pytorch_model_fsdp_*")):
+        if sharded.is_dir() and (any(sharded.glob("*.distcp")) or (sharded / ".metadata").is_file()):
+            merged = path / "merged"
+            raise FinetuneError(
+                f"{sharded} is an FSDP sharded checkpoint (torch.distributed.checkpoint), which hubsync cannot read: "
+                f"merge it with `accelerate merge-weights {sharded} {merged}`, then set `finetune.path` to {merged}"
+            )
+
+
 def read_finetune(
     spec: FinetuneSpec,
     base_tensors: Mapping[str, TensorRef],
@@ -223,20 +237,18 @@ def read_finetune(
         raise FinetuneError(f"{folder} holds no tensors: point `finetune.path` at the trainer's output")
     shapes = {name: tuple(info.shape) for name, info in checkpoint.tensors.items()}
     base_shapes = {name: tuple(info.shape) for name, info in base_tensors.items()}
-    mapping, unmapped, renamed = map_names(shapes, base_shapes, spec.rename, ())
-    if unmapped:  # only then is transformers' rename table worth its import (seconds, hundreds of MB)
-        mapping, unmapped, renamed = map_names(
-            shapes, base_shapes, spec.rename, architecture_renames(base_config)
-        )
+    # transformers' rename table is only read when the names need it (its import takes seconds)
+    names = resolve_names(shapes, base_shapes, spec.rename, lambda: architecture_renames(base_config))
     return FinetuneInventory(
         folder=folder,
         checkpoint=checkpoint,
-        base_names=mapping,
-        unmapped=unmapped,
+        base_names=names.mapping,
+        unmapped=names.unmapped,
         files=files,
         config=read_json(folder / "config.json"),
-        renamed=renamed,
-        notes=tuple(notes),
+        renamed=names.renamed,
+        notes=(*notes, *names.notes),
         derived_tuned=derived,
-        problems=problems,
+        problems=(*problems, *names.problems),
+        tied=names.tied,
     )

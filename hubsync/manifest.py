@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from hubsync.errors import ManifestError, ManifestProblem
+from hubsync.tuned import regex_error
 from hubsync.yaml_limits import YamlLimitError, check_file_size, compose_bounded
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -166,7 +167,8 @@ class FinetuneSpec(_Section):
     path: Path = Field(..., description="The trainer's output folder (relative to the manifest).")
     tuned: tuple[str, ...] | None = Field(
         None,
-        description="Tensor-name prefixes (base naming) allowed to differ from the base, e.g. ['vpm.', 'resampler.'].",
+        description="Tensor-name prefixes (base naming) allowed to differ from the base, e.g. ['vpm.', 'resampler.']; "
+        "a prefix ends at a dot or is a whole tensor name; `re:<pattern>` is a regex matched at the name's start.",
     )
     rename: tuple[RenameRule, ...] = Field(
         (), description="Extra tensor renames: a list of {from: regex, to: replacement}."
@@ -203,6 +205,9 @@ class FinetuneSpec(_Section):
         for prefix in value:
             if not prefix.strip():
                 raise ValueError("contains an empty prefix, which would match every tensor: remove it")
+            problem = regex_error(prefix)
+            if problem is not None:
+                raise ValueError(problem)
         return value
 
     @field_validator("keep_files")

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from hubsync.compare import TensorDiff
+from hubsync.compare import TensorDiff, rounding_notes
 from hubsync.errors import PlanError
 from hubsync.finetune import FinetuneInventory, is_leftover, is_weight_file
 from hubsync.formats import stale_weight_copies
 from hubsync.manifest import Manifest
 from hubsync.resolve import BaseInventory
+from hubsync.tuned import boundary_problems, first_match, matches, propose_modules
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 NAMED_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -157,7 +158,7 @@ def output_dtype_for(manifest: Manifest) -> Callable[[str], str]:
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> str | None:
-    return next((p for p in prefixes if name.startswith(p)), None)
+    return first_match(name, prefixes)
 
 
 def suggest_prefixes(changed: set[str], unchanged: set[str]) -> tuple[str, ...]:
@@ -292,10 +293,12 @@ def make_plan(
     _note_revision(base, found)
     found.problems.extend(finetune.problems)
     found.notes.extend(finetune.notes)
+    found.notes.extend(rounding_notes(diffs))
     _check_names(finetune, found)
     different = {n for n, d in diffs.items() if d.state in ("changed", "vanished")}
     unchanged = set(base.checkpoint.tensors) - different
-    suggested = suggest_prefixes(different, unchanged) if different else ()
+    sizes = {n: info.numel for n, info in base.checkpoint.tensors.items()}
+    suggested = propose_modules(different, sizes) if different else ()
     take = _tensors_from_finetune(
         tuned, base, diffs, different, unchanged, suggested, allow_untuned_changes, found
     )
@@ -371,8 +374,9 @@ def _tensors_from_finetune(
             else "the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast"
         )
         return set()
+    found.problems.extend(boundary_problems(tuned, base.checkpoint.tensors))
     for prefix in tuned:
-        if not any(n.startswith(prefix) for n in base.checkpoint.tensors):
+        if not any(matches(prefix, n) for n in base.checkpoint.tensors):
             found.problems.append(
                 f"tuned prefix '{prefix}' matches no tensor of the base: check `finetune.tuned`"
             )
@@ -423,7 +427,7 @@ def _prefix_summaries(
 ) -> list[PrefixSummary]:
     summaries = []
     for prefix in tuned or suggested:
-        names = [n for n in base.checkpoint.tensors if n.startswith(prefix)]
+        names = [n for n in base.checkpoint.tensors if matches(prefix, n)]
         summary = _summarise(prefix, names, diffs)
         summaries.append(summary)
         if tuned is not None:

@@ -490,6 +490,11 @@ def list_checkpoint(folder: str | os.PathLike[str], *, error: ErrorType = Finetu
     if bin_index.is_file():
         return _list_bin_index(folder, bin_index, error)
     single_bin = folder / BIN_SINGLE
+    # The one other single state dict is FSDP's full state dict as accelerate and the Trainer name it
+    # (`pytorch_model_fsdp.bin`); with several candidates none is guessed.
+    others = [p for p in _weight_files(folder, ".bin") if p.name.startswith("pytorch_model")]
+    if not single_bin.is_file() and len(others) == 1:
+        single_bin = others[0]
     if single_bin.is_file():
         return Checkpoint(
             folder=folder, format="bin", files=(single_bin,), tensors=dict(list_bin(single_bin, error))

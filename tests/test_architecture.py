@@ -15,7 +15,7 @@ PACKAGE = Path(hubsync.__file__).parent
 # The pipeline, bottom to top: a module may import its own layer's modules and those below, never above.
 # (`testing` ships the emulator and fixtures; only the demo and tests use it.)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("hubsync", "errors", "fsio", "yaml_limits", "formats"),
+    ("hubsync", "errors", "fsio", "yaml_limits", "formats", "tuned"),
     ("tensors",),
     ("record",),
     ("manifest",),

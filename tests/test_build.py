@@ -294,11 +294,10 @@ def test_catalogue_5_manifest_rename_rules(
         {k.replace("vpm.", "vision_model.", 1) if k.startswith("vpm.") else k: v for k, v in state.items()},
         str(ft / "model.safetensors"),
     )
-    bare = write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)
-    assert any(
-        "fine-tune tensor vision_model." in p and "no tensor of that name in the base" in p
-        for p in problems(bare)
-    )
+    # Without a rule the rename is inferred from names and shapes, and the plan says so.
+    bare = prepare(write_manifest(tmp_path, published_remote_base, ft, REMOTE_TUNED)).plan
+    assert bare.problems == ()
+    assert "inferred rename: vision_model. -> vpm. (37 tensors)" in bare.notes
     ruled = write_manifest(
         tmp_path,
         published_remote_base,
@@ -308,6 +307,7 @@ def test_catalogue_5_manifest_rename_rules(
         name="r.yaml",
     )
     assert problems(ruled) == []
+    assert not any(n.startswith("inferred rename") for n in notes(ruled))
 
 
 def test_catalogue_6_unknown_tensor_and_wrong_shape(

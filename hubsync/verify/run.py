@@ -26,7 +26,17 @@ from hubsync.verify.runtime import (
 )
 from hubsync.verify.subject import Subject
 
-VISION_HINTS = ("vpm", "vision", "visual", "resampler", "multi_modal_projector", "mm_projector", "image", "img")
+VISION_HINTS = (
+    "vpm",
+    "vision",
+    "visual",
+    "resampler",
+    "multi_modal_projector",
+    "mm_projector",
+    "image",
+    "img",
+    "connector",  # Idefics3 / SmolVLM's projector
+)
 # Same weights, same inputs, same kernels give the same logits on a CPU; GPU kernels may reorder sums.
 TOLERANCE = {"cpu": 0.0, "cuda": 1e-2}
 # The torch that most remote code written for transformers 4.x still runs on (field notes: MiniCPM-V 2.5's

@@ -10,6 +10,7 @@ from hubsync import fsio
 from hubsync import tensors as T
 from hubsync.errors import HubsyncError, VerifyError
 from hubsync.plan import output_dtype
+from hubsync.tuned import first_match
 from hubsync.verify.report import Report
 from hubsync.verify.subject import Subject
 
@@ -126,7 +127,7 @@ def _compare_tuned(
         src = subject.record.tuned_tensors[name].finetune_name
         if src in ft.tensors and not T.load_tensor(ft.tensors[src]).to(out_t.dtype).equal(out_t):
             found.tuned_wrong.append(f"{name} differs from the fine-tune's {src} cast to {o.dtype}")
-    prefix = next((p for p in subject.tuned_prefixes if name.startswith(p)), "(other)")
+    prefix = first_match(name, subject.tuned_prefixes) or "(other)"
     max_abs, rel = T.delta_stats(base_t, out_t)
     d = found.deltas.setdefault(prefix, {"tensors": 0, "max_abs": 0.0, "rel": 0.0})
     d["tensors"] += 1

@@ -81,6 +81,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -949,6 +950,14 @@ def normal_name(name: str) -> str:
     return ".".join([p for p in parts[:-1] if p not in NAME_LEVELS] + [last])
 
 
+def covers(prefix: str, name: str) -> bool:
+    """Whether a tuned entry covers a checkpoint name: a plain prefix, or `re:<pattern>` matched at the start
+    (the manifest's two forms)."""
+    if prefix.startswith("re:"):
+        return re.match(prefix[3:], name) is not None
+    return name.startswith(prefix)
+
+
 def map_prefix(prefix: str, checkpoint: list[str] | None, model: Any) -> Record:
     """The model's own modules that hold exactly the checkpoint tensors under `prefix`.
 
@@ -959,9 +968,9 @@ def map_prefix(prefix: str, checkpoint: list[str] | None, model: Any) -> Record:
     runtime = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     runtime += [n for n, _ in model.named_buffers(remove_duplicate=False)]
     names = checkpoint if checkpoint is not None else runtime
-    inside = {normal_name(n) for n in names if n.startswith(prefix)}
-    outside = {normal_name(n) for n in names if not n.startswith(prefix)}
-    entry: Record = {"checkpoint_tensors": len([n for n in names if n.startswith(prefix)]), "modules": []}
+    inside = {normal_name(n) for n in names if covers(prefix, n)}
+    outside = {normal_name(n) for n in names if not covers(prefix, n)}
+    entry: Record = {"checkpoint_tensors": len([n for n in names if covers(prefix, n)]), "modules": []}
     if not inside:
         entry["reason"] = f"no tensor of the checkpoint starts with {prefix!r}"
         return entry
