@@ -275,7 +275,11 @@ def failed_verification(result: BuildResult) -> VerifyError:
     from hubsync.verify import summary_line
 
     assert result.report is not None
-    kept = f"; the failed build is in {result.failed_output}" if result.failed_output else ""
+    kept = f"; the unverified build is in {result.failed_output}" if result.failed_output else ""
+    first = result.report.failures[0] if result.report.failures else None
+    if first is not None and first.figures.get("blame") == "base":
+        # the runtime cannot run the base either: the fix is the runtime, not the fine-tune
+        return VerifyError(f"{first.detail} ({result.output} was left as it was{kept})")
     return VerifyError(
         f"the build failed verification ({summary_line(result.report)}): {result.output} was left as it was"
         f"{kept}; fix the fine-tune or the manifest and build again"

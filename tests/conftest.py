@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_hub", "tests.fixtures_models"]
+pytest_plugins = ["tests.fixtures_hub", "tests.fixtures_models", "tests.fixtures_runtime"]
 
 # The suite may itself run inside GitHub Actions; hubsync's CI output (annotations, summaries) must only appear
 # where a test asks for it, so the runner's variables are dropped for the whole session.

@@ -36,10 +36,8 @@ from hubsync.testing.models import NATIVE_VISION_PREFIXES, REMOTE_VISION_PREFIXE
 from hubsync.verify import runtime as R
 from hubsync.verify.runtime import Runtime, WorkerResult, current_runtime, run_worker
 from hubsync.verify.worker import STEPS, map_prefix
+from tests.fixtures_runtime import LEGACY_REQUIREMENTS
 
-# The 4.x runtime of the compatibility test: the oldest 4.4x whose tokenizers (0.20) reads the tokenizer.json
-# that tokenizers 0.23 writes for the fixtures (4.40-4.44 pin tokenizers 0.19, which cannot: see the report).
-LEGACY_REQUIREMENTS = ["transformers==4.46.3", "torch==2.13.0", "pillow"]
 TIMEOUT = 300.0
 UNMAPPED = "not_a_part."
 
@@ -478,17 +476,6 @@ def test_the_runtime_key_is_the_set_of_requirements() -> None:
 # ------------------------------------------------------------------------------- transformers 4.x, for real
 
 
-@pytest.fixture(scope="session")
-def legacy_runtime(tmp_path_factory: pytest.TempPathFactory) -> tuple[Runtime, Path]:
-    """A venv with transformers 4.4x on the CPU torch, made through verify.requirements once per session;
-    returns it with the cache folder it lives in."""
-    cache = tmp_path_factory.mktemp("hubsync-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HUBSYNC_CACHE_DIR", str(cache))
-        patch.setenv(R.INSTALLER_ENV, "pip")  # pip reads this machine's pip.conf (the local torch wheel)
-        return R.requirements_runtime(LEGACY_REQUIREMENTS), cache
-
-
 @pytest.mark.timeout(1200)
 def test_the_look_alike_runs_under_transformers_4(
     legacy_runtime: tuple[Runtime, Path],
@@ -500,7 +487,7 @@ def test_the_look_alike_runs_under_transformers_4(
 ) -> None:
     legacy, cache = legacy_runtime
     assert legacy.kind == "requirements"
-    assert legacy.versions["transformers"] == "4.46.3"
+    assert legacy.versions["transformers"] == "4.40.2"
     runs = {
         "base": run(legacy, remote_base_dir, tmp_path / "base", generate=False),
         "build": run(legacy, remote_build, tmp_path / "build"),
@@ -519,7 +506,7 @@ def test_the_look_alike_runs_under_transformers_4(
     assert_every_step_passed(runs["legacy-only"])
     assert_every_step_passed(runs["tokenizer"], skipped=("generate",))
     assert runs["tokenizer"].step("tokenizer")["agrees_with_reference"] is True
-    assert runs["build"].step("runtime")["transformers"] == "4.46.3"
+    assert runs["build"].step("runtime")["transformers"] == "4.40.2"
     assert runs["build"].step("load")["via"] == "auto_map:AutoModelForCausalLM"
     assert runs["build"].step("generate")["text"].strip()
     assert runs["build"].step("tokenizer")["agrees_with_reference"] is True

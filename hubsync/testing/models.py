@@ -231,6 +231,15 @@ def _train_bpe(special_tokens: tuple[str, ...], vocab_size: int) -> Any:
     return tokenizer
 
 
+def _save_legacy_tokenizer_json(backend: Any, path: Path) -> None:
+    """tokenizer.json with merges as "a b" strings, as tokenizers < 0.20 wrote it (the real MiniCPM-Llama3-V 2.5
+    repo's file looks so), so that transformers 4.40 reads it as well as 5.x does."""
+    data = json.loads(backend.to_str(pretty=True))
+    merges = data.get("model", {}).get("merges") or []
+    data["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def make_test_image(seed: int = 0) -> Image.Image:
     """A small RGB picture (40x32): a colour gradient with one filled rectangle, all derived from `seed`."""
     import numpy as np
@@ -564,7 +573,7 @@ def make_remote_code_vlm(dest: Path, *, seed: int = 0, repo_id: str = REMOTE_REP
         dest / "special_tokens_map.json",
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "unk_token": "<unk>"},
     )
-    backend.save(str(dest / "tokenizer.json"), pretty=True)
+    _save_legacy_tokenizer_json(backend, dest / "tokenizer.json")
     (dest / "README.md").write_text(_REMOTE_README.format(repo_id=repo_id), encoding="utf-8")
     (dest / "LICENSE").write_text(_REMOTE_LICENSE, encoding="utf-8")
     (dest / ".gitattributes").write_text(_GITATTRIBUTES, encoding="utf-8")

@@ -125,7 +125,11 @@ class _Judge:
     @property
     def base_label(self) -> str:
         base = self.subject.record.base
-        return f"{base.repo} @ {(base.sha or '')[:12]}" if base.repo else f"the base folder {self.subject.base_folder}"
+        return (
+            f"{base.repo} @ {(base.sha or '')[:12]}"
+            if base.repo
+            else f"the base folder {self.subject.base_folder}"
+        )
 
     def _blame_base(self, build_error: str | None, base_step: Mapping[str, Any], doing: str) -> str | None:
         """The one-line message when the base fails the same way (the runtime, not the build, is at fault)."""
@@ -162,7 +166,9 @@ class _Judge:
         self.report.device = str(load.get("device") or self.subject.device)
         counts = load.get("device_counts") or {}
         if load.get("device_map"):
-            self.report.device_map = "device_map=auto: " + ", ".join(f"{d} {n} module(s)" for d, n in counts.items())
+            self.report.device_map = "device_map=auto: " + ", ".join(
+                f"{d} {n} module(s)" for d, n in counts.items()
+            )
         for label, result in (("build", self.build), ("base", self.base)):
             peaks = [s.get("rss_peak_bytes") or 0 for s in result.steps.values()]
             cuda = [s.get("cuda_peak_bytes") or 0 for s in result.steps.values()]
@@ -186,7 +192,9 @@ class _Judge:
             return False
         crash = self._crash(self.build) if not self.build.steps.get("load") else None
         if crash:
-            self.report.add("model loads", False, f"the build could not be loaded: {crash}", self.build.stderr_tail)
+            self.report.add(
+                "model loads", False, f"the build could not be loaded: {crash}", self.build.stderr_tail
+            )
             return False
         return True
 
@@ -194,7 +202,12 @@ class _Judge:
         tok, base_tok = self.build.step("tokenizer"), self.base.step("tokenizer")
         if tok.get("ok") is not True:
             blame = self._blame_base(tok.get("error"), base_tok, "load its tokenizer")
-            self.report.add("tokenizer", False, blame or f"AutoTokenizer fails under {self.where}: {tok.get('error')}")
+            self.report.add(
+                "tokenizer",
+                False,
+                blame or f"AutoTokenizer fails under {self.where}: {tok.get('error')}",
+                blame="base" if blame else "build",
+            )
             return
         ids, base_ids = tok.get("ids"), base_tok.get("ids")
         if ids != base_ids or tok.get("decoded") != base_tok.get("decoded"):
@@ -213,7 +226,11 @@ class _Judge:
         agrees = tok.get("agrees_with_reference")
         plain, ref_ids = tok.get("ids_plain") or [], ref.get("ids") or []
         if agrees is False:
-            whose = "for the base too" if base_tok.get("agrees_with_reference") is False else "the base's does not"
+            whose = (
+                "for the base too"
+                if base_tok.get("agrees_with_reference") is False
+                else "the base's does not"
+            )
             self.report.add(
                 "tokenizer",
                 False,
@@ -239,7 +256,9 @@ class _Judge:
         proc, base_proc = self.build.step("processor"), self.base.step("processor")
         if base_proc.get("processor_files"):
             if proc.get("ok") is not True:
-                self.report.add("processor", False, f"AutoProcessor fails under {self.where}: {proc.get('error')}")
+                self.report.add(
+                    "processor", False, f"AutoProcessor fails under {self.where}: {proc.get('error')}"
+                )
             elif not proc.get("is_processor"):
                 self.report.add(
                     "processor",
@@ -251,7 +270,9 @@ class _Judge:
                 self.report.add("processor", True, f"AutoProcessor returns {proc.get('class')}")
         template, base_template = proc.get("chat_template") or {}, base_proc.get("chat_template") or {}
         if template.get("renders"):
-            self.report.add("chat template", True, f"renders a two-turn conversation (from the {template.get('source')})")
+            self.report.add(
+                "chat template", True, f"renders a two-turn conversation (from the {template.get('source')})"
+            )
         elif base_template.get("renders"):
             self.report.add(
                 "chat template",
@@ -270,7 +291,8 @@ class _Judge:
             self.report.add(
                 "model loads",
                 False,
-                blame or f"the build does not load under {self.where} ({error})"
+                blame
+                or f"the build does not load under {self.where} ({error})"
                 + (" although the base does" if base_load.get("ok") else ""),
                 self.build.stderr_tail[-5:],
                 blame="base" if blame else "build",
@@ -301,7 +323,9 @@ class _Judge:
         text, base_text = self.build.step("text_forward"), self.base.step("text_forward")
         if text.get("ok") is not True or base_text.get("ok") is not True:
             why = text.get("error") or text.get("skipped") or base_text.get("error") or "unknown"
-            self.report.add("frozen parts untouched", None, f"no text-only forward for this architecture: {why}")
+            self.report.add(
+                "frozen parts untouched", None, f"no text-only forward for this architecture: {why}"
+            )
             return
         a, b = self._array(self.build, text.get("logits")), self._array(self.base, base_text.get("logits"))
         diff = float(abs(a - b).max()) if a.shape == b.shape else float("inf")
@@ -309,7 +333,9 @@ class _Judge:
         prefixes = self.subject.tuned_prefixes
         if not (prefixes and all(any(h in p.lower() for h in VISION_HINTS) for p in prefixes)):
             self.report.add(
-                "frozen parts untouched", None, f"the language model was tuned; text-only logits differ by {diff:.3g}"
+                "frozen parts untouched",
+                None,
+                f"the language model was tuned; text-only logits differ by {diff:.3g}",
             )
             return
         self.report.add(
@@ -328,7 +354,12 @@ class _Judge:
         if image.get("ok") is not True:
             blame = self._blame_base(image.get("error"), base_image, "run with an image")
             why = image.get("error") or self._crash(self.build) or image.get("skipped")
-            self.report.add("tuned parts are live", False, blame or f"a forward with an image failed: {why}")
+            self.report.add(
+                "tuned parts are live",
+                False,
+                blame or f"a forward with an image failed: {why}",
+                blame="base" if blame else "build",
+            )
             return
         problems, deltas = [], {}
         base_live = base_image.get("liveness") or {}
@@ -353,7 +384,9 @@ class _Judge:
     ) -> tuple[list[str], dict[str, float]]:
         modules = entry.get("modules") or []
         if not modules:
-            return [f"tuned prefix '{prefix}' maps to no module of the model ({entry.get('reason') or 'no match'})"], {}
+            return [
+                f"tuned prefix '{prefix}' maps to no module of the model ({entry.get('reason') or 'no match'})"
+            ], {}
         base_modules = {m.get("name"): m for m in base_entry.get("modules") or []}
         problems, deltas = [], {}
         for module in modules:
@@ -364,7 +397,9 @@ class _Judge:
             theirs = base_modules.get(name) or {}
             a, b = self._array(self.build, module.get("output")), self._array(self.base, theirs.get("output"))
             if a is None or b is None or a.shape != b.shape:
-                problems.append(f"{name}: its output cannot be compared with the base's (shapes differ or missing)")
+                problems.append(
+                    f"{name}: its output cannot be compared with the base's (shapes differ or missing)"
+                )
                 continue
             delta = float(abs(a - b).max())
             deltas[str(name)] = delta
@@ -377,10 +412,15 @@ class _Judge:
     def _generation(self) -> None:
         generate = self.build.step("generate")
         text = generate.get("text")
-        if generate.get("ok") is True and isinstance(text, str) and text.strip():
-            self.report.add("generation", True, f"greedy generation with an image returned {text!r}")
+        if generate.get("ok") is True and isinstance(text, str) and text:
+            how = "with an image" if generate.get("with_image", True) else "from text alone (no image input)"
+            self.report.add("generation", True, f"greedy generation {how} returned {text!r}")
             return
         why = generate.get("error") or self._crash(self.build) or generate.get("skipped") or "empty text"
         blame = self._blame_base(generate.get("error"), self.base.step("generate"), "generate")
-        self.report.add("generation", False, blame or f"generation with an image failed: {why}")
-
+        self.report.add(
+            "generation",
+            False,
+            blame or f"generation with an image failed: {why}",
+            blame="base" if blame else "build",
+        )

@@ -33,7 +33,9 @@ class Subject:
     # where models run: {"python": path} | {"requirements": [...]} | {} (hubsync's own interpreter)
     runtime: Mapping[str, Any] = field(default_factory=dict)
     timeout: float = 3600.0
-    max_memory: Mapping[str, str] | None = None  # an accelerate budget that forces offload (tests, small GPUs)
+    max_memory: Mapping[str, str] | None = (
+        None  # an accelerate budget that forces offload (tests, small GPUs)
+    )
 
     @property
     def tuned_prefixes(self) -> tuple[str, ...]:

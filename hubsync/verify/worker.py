@@ -905,6 +905,17 @@ def _to_model(inputs: dict[str, Any], session: Session) -> dict[str, Any]:
     return moved
 
 
+def _smoke_generation(tokenizer: Any, max_new_tokens: int) -> Record:
+    """Greedy, and exactly `max_new_tokens` ordinary tokens: a smoke test asks whether generation runs and
+    decodes to text, and a tiny or undertrained model would otherwise stop at once or emit only special
+    tokens, which decode to nothing."""
+    special = sorted(set(getattr(tokenizer, "all_special_ids", None) or []))
+    kwargs: Record = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False}
+    if special:
+        kwargs["bad_words_ids"] = [[i] for i in special]
+    return kwargs
+
+
 def _chat(session: Session, max_new_tokens: int) -> str:
     """model.chat() as its model card calls it, greedy where the signature allows it."""
     model = session.model
@@ -919,6 +930,8 @@ def _chat(session: Session, max_new_tokens: int) -> str:
         kwargs["sampling"] = False
     if "max_new_tokens" in parameters or takes_any:
         kwargs["max_new_tokens"] = max_new_tokens
+    if takes_any and max_new_tokens > 1:  # passed on to generate(): ordinary tokens, not an immediate stop
+        kwargs["min_new_tokens"] = max_new_tokens
     answer = model.chat(**kwargs)
     if isinstance(answer, tuple):  # some chat() return (answer, context, ...)
         answer = answer[0]
@@ -1024,11 +1037,12 @@ def step_generate(record: Record, session: Session) -> None:
             record["text"] = _chat(session, max_new_tokens=request.max_new_tokens)
             return
         record["via"] = "generate"
+        record["with_image"] = session.processor is not None
         if session.processor is not None:
             inputs = _processor_inputs(session, {})
         else:
             inputs = _to_model(dict(session.tokenizer(request.prompt, return_tensors="pt")), session)
-        output = model.generate(**inputs, max_new_tokens=request.max_new_tokens, do_sample=False)
+        output = model.generate(**inputs, **_smoke_generation(session.tokenizer, request.max_new_tokens))
     new = output[0, inputs["input_ids"].shape[1] :]
     record["new_tokens"] = [int(i) for i in new]
     record["text"] = session.tokenizer.decode(new, skip_special_tokens=True)
@@ -1101,6 +1115,21 @@ def _isolated_environment(scratch: str) -> Iterator[None]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _importable_view(folder: str, scratch: str) -> str:
+    """The folder under a name remote code can be imported from. transformers 4.x names the dynamic module after
+    the folder, so a folder called `.x.hubsync-staging-1` or `model-v2.5` breaks relative imports
+    (`No module named 'transformers_modules.'`); then the model is loaded through a folder of symlinks with a
+    plain name, made in the worker's scratch folder (the model's own folder is never written)."""
+    name = os.path.basename(os.path.normpath(folder))
+    if name.isidentifier():
+        return folder
+    view = tempfile.mkdtemp(prefix="model_", dir=scratch)
+    _CLEANUP.append(view)
+    for entry in os.listdir(folder):
+        os.symlink(os.path.join(folder, entry), os.path.join(view, entry))
+    return view
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: worker.py REQUEST.json RESULT.json", file=sys.stderr)
@@ -1114,7 +1143,9 @@ def main(argv: list[str]) -> int:
         result.data["error"] = f"bad request: {one_line(err)}"
         result.save()
         return 2
-    with _isolated_environment(os.path.dirname(os.path.abspath(argv[2]))):
+    scratch = os.path.dirname(os.path.abspath(argv[2]))
+    with _isolated_environment(scratch):
+        request.folder = _importable_view(request.folder, scratch)
         run(request, result)
     result.finish()
     return 0
