@@ -6,8 +6,10 @@
 It makes a real transformers architecture (LlavaForConditionalGeneration: Llama-7B-shaped text model, CLIP
 ViT-L/14-336 vision tower) with random bf16 weights, a vision fine-tune of it (vision tower and projector
 perturbed, saved in fp32 as trainers do; the frozen LLM is not re-saved, which hubsync handles: absent tensors
-come from the base), then runs `hubsync build --no-verify` and `hubsync verify` as separate processes and prints
-each step's wall time and, from the verification record, the time and peak device memory of each load/run step.
+come from the base), then runs `hubsync build --no-verify` and `hubsync verify --json` as separate processes and
+prints each step's wall time and, from the verification (which loads and runs both models in the verification
+worker, in the runtime `--python` names, else hubsync's own), the time of each worker step and the peak device
+memory of each model.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hubsync-gpu"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--python", default=None, help="the interpreter the worker runs models with")
     args = parser.parse_args()
     work = args.workdir.resolve() / args.size
     base, ft = work / "base", work / "finetune"
@@ -134,8 +137,14 @@ def main() -> None:
     )
     hubsync = [sys.executable, "-m", "hubsync"]
     timings["hubsync build --no-verify"] = run([*hubsync, "-q", "build", "--no-verify", str(manifest)], work)
-    timings["hubsync verify"] = run([*hubsync, "verify", str(work / "out")], work)
-    record = json.loads((work / "out" / "hubsync.json").read_text())["verification"]
+    verify = [*hubsync, "verify", "--json", str(work / "out")] + (["--python", args.python] if args.python else [])
+    start = time.perf_counter()
+    print("$ " + " ".join(verify), flush=True)
+    done = subprocess.run(verify, cwd=work, capture_output=True, text=True)
+    timings["hubsync verify"] = time.perf_counter() - start
+    print(done.stderr[-2000:], flush=True)
+    record = json.loads(done.stdout)
+    record = record.get("verification", record)  # the verify JSON, with timings and memory from this run
     size_gb = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors")) / 1e9
     print(
         f"\nmodel: {size_gb:.2f} GB of bf16 shards; device: {record['device']}; device_map: {record['device_map']}"

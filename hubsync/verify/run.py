@@ -170,6 +170,9 @@ class _Judge:
                 f"{d} {n} module(s)" for d, n in counts.items()
             )
         for label, result in (("build", self.build), ("base", self.base)):
+            for step, record in result.steps.items():
+                if record.get("seconds") is not None:
+                    self.report.timings[f"{step} {label}"] = float(record["seconds"])
             peaks = [s.get("rss_peak_bytes") or 0 for s in result.steps.values()]
             cuda = [s.get("cuda_peak_bytes") or 0 for s in result.steps.values()]
             self.report.memory[f"peak RAM {label}"] = max(peaks, default=0)
