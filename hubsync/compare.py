@@ -20,7 +20,8 @@ from hubsync.resolve import BaseInventory
 # roundtrip: the base seen in the training dtype, but casting back loses bits (e.g. a bf16 base trained in fp16)
 # vanished:  changed in training, but identical to the base once cast to the output dtype
 # changed:   differs from the base in the output
-State = Literal["same", "roundtrip", "vanished", "changed"]
+# unchecked: not compared (a plan made from the base's headers, without its bytes); `build` compares it
+State = Literal["same", "roundtrip", "vanished", "changed", "unchecked"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TensorDiff:
     nonfinite: bool = False
     max_abs: float = 0.0
     rel: float = 0.0
+    sampled: bool = False  # decided on a sample of the values (hubsync.sample), not on every byte
 
 
 def _compare_one(

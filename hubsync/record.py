@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hubsync import fsio
+from hubsync import fsio, progress
 from hubsync.errors import RecordError, VerifyError
 
 RECORD_FILE = "hubsync.json"
@@ -282,7 +282,14 @@ def hash_files(folder: Path) -> dict[str, str]:
     """sha256 of every file of a build folder but the record itself."""
     from hubsync.tensors import sha256_file
 
-    return {rel: sha256_file(folder / rel) for rel in fsio.list_files(folder) if rel != RECORD_FILE}
+    files = [rel for rel in fsio.list_files(folder) if rel != RECORD_FILE]
+    sizes = {rel: (folder / rel).stat().st_size for rel in files}
+    hashes = {}
+    with progress.stage("hash", sum(sizes.values())) as shown:
+        for rel in files:
+            hashes[rel] = sha256_file(folder / rel)
+            shown.advance(sizes[rel])
+    return hashes
 
 
 def verification_gate(folder: Path) -> tuple[BuildRecord, dict[str, str]]:

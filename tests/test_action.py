@@ -327,7 +327,7 @@ def test_cli_in_actions_annotates_on_stderr_and_keeps_json_on_stdout(tmp_path: P
     }
     env.pop("HUBSYNC_DEBUG", None)
     bad = run_cli("validate", "--json", str(manifest), env=env, timeout=120)
-    assert bad.returncode == 2 and json.loads(bad.stdout)["valid"] is False
+    assert bad.returncode == 2 and json.loads(bad.stdout)["ok"] is False
     assert (
         "::error file=m.yaml,line=2::finetune.pth: unknown key 'pth': did you mean `path`?"
         in bad.stderr.splitlines()
@@ -336,7 +336,7 @@ def test_cli_in_actions_annotates_on_stderr_and_keeps_json_on_stdout(tmp_path: P
         "base: {repo: a/b@main}\nfinetune: {path: x}\noutput: {dir: o}\npush: {repo: my-org/m}\n"
     )
     good = run_cli("validate", "--json", str(manifest), env=env, timeout=120)
-    assert good.returncode == 0 and json.loads(good.stdout)["valid"] is True
+    assert good.returncode == 0 and json.loads(good.stdout)["ok"] is True
     assert read_file_command(outputs)["repo"] == "my-org/m"
 
 

@@ -15,14 +15,14 @@ PACKAGE = Path(hubsync.__file__).parent
 # The pipeline, bottom to top: a module may import its own layer's modules and those below, never above.
 # (`testing` ships the emulator and fixtures; only the demo and tests use it.)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("hubsync", "errors", "fsio"),
+    ("hubsync", "errors", "fsio", "progress"),
     ("tensors",),
     ("manifest",),
-    ("resolve",),
+    ("resolve", "remote"),
     ("names",),
     ("adapters",),
     ("finetune",),
-    ("compare",),
+    ("compare", "sample"),
     ("plan",),
     ("card",),
     ("record",),
