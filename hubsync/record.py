@@ -372,14 +372,16 @@ class LastBuild:
     output: Path
 
 
-def remember_last_build(manifest_path: Path, output: Path) -> str | None:
-    """So that a bare `hubsync push` in this directory knows what to push. Returns a warning, or None."""
+def remember_last_build(manifest_path: Path, output: Path, *, cwd: Path | None = None) -> str | None:
+    """So that a bare `hubsync push` in this directory (or `cwd`) knows what to push. Returns a warning, or
+    None."""
+    pointer = LAST_BUILD if cwd is None else cwd / LAST_BUILD
     try:
-        LAST_BUILD.parent.mkdir(exist_ok=True)
+        pointer.parent.mkdir(exist_ok=True)
         content = {"manifest": str(manifest_path.resolve()), "output": str(output.resolve())}
-        fsio.replace_atomically(LAST_BUILD, fsio.json_bytes(content), error=RecordError)
+        fsio.replace_atomically(pointer, fsio.json_bytes(content), error=RecordError)
     except (OSError, RecordError) as err:  # a read-only working directory must not fail a finished build
-        return f"could not record the last build in {LAST_BUILD} ({err})"
+        return f"could not record the last build in {pointer} ({err})"
     return None
 
 
