@@ -44,10 +44,11 @@ R = TypeVar("R")
 class RemoteFiles:
     """Byte ranges of the files of one repo at one commit, read with HTTP Range requests."""
 
-    def __init__(self, repo_id: str, sha: str, sizes: dict[str, int]) -> None:
+    def __init__(self, repo_id: str, sha: str, sizes: dict[str, int], *, endpoint: str | None = None) -> None:
         self.repo_id = repo_id
         self.sha = sha
         self.sizes = sizes  # repo path -> size, from the repo's tree at `sha`
+        self.endpoint = endpoint  # None: huggingface_hub's (HF_ENDPOINT)
         self.bytes_read = 0
         self.requests = 0
         self._urls: dict[str, str] = {}
@@ -58,14 +59,14 @@ class RemoteFiles:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.utils import build_hf_headers
 
+        resolve = hf_hub_url(self.repo_id, path, revision=self.sha, endpoint=self.endpoint)
         with self._lock:
             url = self._urls.get(path)
         if url is None:
-            url = get_hf_file_metadata(hf_hub_url(self.repo_id, path, revision=self.sha)).location
+            url = get_hf_file_metadata(resolve).location
             with self._lock:
                 self._urls[path] = url
-        endpoint = urlsplit(hf_hub_url(self.repo_id, path, revision=self.sha))
-        same_origin = urlsplit(url)[:2] == endpoint[:2]
+        same_origin = urlsplit(url)[:2] == urlsplit(resolve)[:2]
         return url, build_hf_headers() if same_origin else {}
 
     def read(self, path: str, start: int, length: int) -> bytes:

@@ -178,3 +178,96 @@ def test_doctor_reads_a_sample_not_the_base(
     served, total = weight_bytes_served(hub, big_base)
     assert served < total / 100, f"{served} of {total} weight bytes fetched"
     assert "tuned:\n  - resampler.\n  - vpm." in result.stdout
+
+
+# ------------------------------------------------------------------------------------- the range reader's guards
+
+
+class _Server:
+    """A file server that answers range requests well or badly (a misconfigured proxy or mirror)."""
+
+    def __init__(self, body: bytes, *, honour_range: bool = True, short: bool = False) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _head(self, status: int, length: int) -> None:
+                self.send_response(status)
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("ETag", '"etag"')
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                self._head(200, len(outer.body))
+
+            def do_GET(self) -> None:
+                wanted = self.headers.get("Range", "")
+                if not (outer.honour_range and wanted.startswith("bytes=")):
+                    self._head(200, len(outer.body))
+                    self.wfile.write(outer.body)
+                    return
+                start, end = (int(x) for x in wanted[len("bytes=") :].split("-"))
+                part = outer.body[start : end + 1][: 3 if outer.short else None]
+                self._head(206, len(part))
+                self.wfile.write(part)
+
+        self.body, self.honour_range, self.short = body, honour_range, short
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _header_via(server: _Server, size: int | None = None) -> str:
+    from hubsync.errors import BaseResolutionError
+    from hubsync.remote import RemoteFiles
+
+    name = "model.safetensors"
+    remote = RemoteFiles("my-org/x", "a" * 40, {name: size or len(server.body)}, endpoint=server.endpoint)
+    try:
+        with pytest.raises(BaseResolutionError) as raised:
+            remote.header(Path("/nowhere") / name)
+    finally:
+        server.close()
+    return raised.value.one_line()
+
+
+def test_a_server_that_ignores_the_range_is_refused_not_read_to_the_end() -> None:
+    message = _header_via(_Server(b"\x10" + b"\0" * 7 + b"x" * 1_000_000, honour_range=False))
+    assert message.startswith(
+        "the Hub answered a range request for model.safetensors of my-org/x with the whole file: "
+    )
+
+
+def test_a_short_answer_to_a_range_request_is_refused() -> None:
+    message = _header_via(_Server(b"\x10" + b"\0" * 7 + b"{}" + b" " * 14, short=True))
+    assert message.startswith("the Hub sent 3 bytes of model.safetensors where 8 were asked for")
+
+
+def test_a_corrupt_length_prefix_is_refused_before_it_is_read() -> None:
+    message = _header_via(_Server(b"\xff" * 8 + b"x" * 100))
+    assert message.startswith("model.safetensors of my-org/x has a corrupt header (length prefix ")
+
+
+def test_plan_offline_without_the_weights_in_the_cache_says_what_to_do(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
+    manifest = write_manifest(tmp_path, published_remote_base, remote_trainer_output, REMOTE_TUNED)
+    env = cli_env(hub, tmp_path / "hf")
+    assert run_cli("plan", str(manifest), env=env).returncode == 0  # caches the non-weight files only
+    offline = run_cli("plan", str(manifest), env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 1
+    assert offline.stderr.strip().splitlines()[-1] == (
+        f"error: the weights of {published_remote_base.repo_id}@{published_remote_base.sha[:12]} are not in the "
+        "local cache and HF_HUB_OFFLINE=1: their headers are read from the Hub: unset HF_HUB_OFFLINE, or "
+        "download the base once online"
+    )
