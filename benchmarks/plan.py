@@ -152,7 +152,9 @@ def main() -> int:
         hub.clear_log()
         doctor_env = {**os.environ, **hub.client_env(work / f"hf-doctor-{time.time_ns()}")}
         seconds, result = run(
-            [*hubsync, "doctor", str(finetune), "--base", f"my-org/bench-base@{published.sha}"], doctor_env, work
+            [*hubsync, "doctor", str(finetune), "--base", f"my-org/bench-base@{published.sha}"],
+            doctor_env,
+            work,
         )
         results["doctor, cold cache"] = {
             "seconds": round(seconds, 2),

@@ -144,7 +144,9 @@ class Stage:
             return f"{done}running for {elapsed:.0f} s"
         share = self.done / self.total
         left = f", about {elapsed / share - elapsed:.0f} s left" if share > 0 else ""
-        return f"{self._amount(self.done)} of {self._amount(self.total)} ({share:.0%}) in {elapsed:.0f} s{left}"
+        return (
+            f"{self._amount(self.done)} of {self._amount(self.total)} ({share:.0%}) in {elapsed:.0f} s{left}"
+        )
 
     def end_line(self) -> str:
         elapsed = self.elapsed

@@ -55,7 +55,7 @@ def follow(
         env.update(item.split("=", 1) for item in shlex.split(command[len("export ") :]))
         return cwd, None
     result = subprocess.run(
-        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, f"$ {command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return cwd, result

@@ -119,8 +119,10 @@ def test_validate_deep_checks_the_inputs_without_the_weights(
     assert deep.returncode == 0, deep.stderr
     assert deep.stdout.splitlines() == [
         f"{manifest}: valid",
-        f"{manifest}: inputs ok ({published_remote_base.repo_id}@{published_remote_base.sha}, "
-        "50 tuned tensor(s))",
+        (
+            f"{manifest}: inputs ok ({published_remote_base.repo_id}@{published_remote_base.sha}, "
+            "50 tuned tensor(s))"
+        ),
     ]
     assert "not checked without the base's weights" in deep.stderr
     wrong = write_manifest(
