@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubsync import __version__, fsio
+from hubsync import __version__, fsio, progress
 from hubsync.card import CardInputs, render_card
-from hubsync.compare import TensorDiff, compare
-from hubsync.errors import VerifyError
-from hubsync.finetune import FinetuneInventory, is_weight_file, read_finetune
+from hubsync.compare import TensorDiff, iter_diffs
+from hubsync.errors import FinetuneError, VerifyError
+from hubsync.finetune import FinetuneInventory, is_weight_file, locate, read_finetune
 from hubsync.manifest import Manifest, load_manifest
 from hubsync.plan import Plan, make_plan, output_dtype_for
 from hubsync.record import (
@@ -31,8 +31,10 @@ from hubsync.record import (
     save,
     save_local,
 )
-from hubsync.resolve import BaseInventory, read_json_files, resolve_base
+from hubsync.resolve import BaseInventory, Weights, read_json_files, resolve_base
 from hubsync.safety import check_output, check_replace, failed_folder
+from hubsync.sample import sample_diffs, unchecked_diffs
+from hubsync.tuned import first_match
 from hubsync.write import (
     OutputLock,
     WrittenFile,
@@ -77,26 +79,43 @@ def _read_base_json(base: BaseInventory) -> dict[str, dict[str, Any]]:
 def _same_files(base: BaseInventory, finetune: FinetuneInventory) -> frozenset[str]:
     same = set()
     for path in set(base.files) & set(finetune.files):
-        if is_weight_file(path):
-            continue
         a, b = base.folder / path, finetune.folder / path
+        if is_weight_file(path) or not a.is_file():  # not downloaded (a plan from the base's headers)
+            continue
         if a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes():
             same.add(path)
     return frozenset(same)
 
 
-def prepare(manifest_path: Path, *, allow_untuned_changes: bool = False) -> Prepared:
+def prepare(
+    manifest_path: Path, *, allow_untuned_changes: bool = False, weights: Weights = "all"
+) -> Prepared:
     """Everything up to and including the plan; writes nothing, and refuses an output.dir that breaks the
-    output-safety rule before anything is downloaded."""
+    output-safety rule before anything is downloaded. `weights="headers"` downloads none of the base's weights
+    (unless cached): the plan is made from their headers, see hubsync.sample."""
     manifest = load_manifest(manifest_path)
     check_output(manifest, manifest_path)
-    return prepare_manifest(manifest, manifest_path, allow_untuned_changes=allow_untuned_changes)
+    return prepare_manifest(
+        manifest, manifest_path, allow_untuned_changes=allow_untuned_changes, weights=weights
+    )
+
+
+def check_local_inputs(manifest: Manifest) -> None:
+    """The inputs on this machine, checked before anything is fetched: a wrong path fails in a second, not
+    after a download of the base."""
+    folder = locate(manifest.finetune)
+    for path in manifest.finetune.keep_files:
+        if not (folder / path).is_file():
+            raise FinetuneError(
+                f"finetune.keep_files names {path}, which {folder} does not have: check `finetune.keep_files`"
+            )
 
 
 def prepare_manifest(
-    manifest: Manifest, manifest_path: Path, *, allow_untuned_changes: bool = False
+    manifest: Manifest, manifest_path: Path, *, allow_untuned_changes: bool = False, weights: Weights = "all"
 ) -> Prepared:
-    base = resolve_base(manifest.base)
+    check_local_inputs(manifest)
+    base = resolve_base(manifest.base, weights=weights)
     finetune = read_finetune(
         manifest.finetune,
         base.checkpoint.tensors,
@@ -104,8 +123,11 @@ def prepare_manifest(
         base_repo=base.repo_id,
         base_revision=base.sha,
     )
-    log.debug("comparing %d fine-tune tensor(s) with the base", len(finetune.base_names))
-    diffs = compare(base, finetune, output_dtype_for(manifest))
+    diffs = (
+        _compare(manifest, base, finetune)
+        if base.remote is None
+        else _diffs_from_headers(manifest, base, finetune)
+    )
     plan = make_plan(
         manifest,
         base,
@@ -116,6 +138,35 @@ def prepare_manifest(
         allow_untuned_changes=allow_untuned_changes,
     )
     return Prepared(manifest, manifest_path, base, finetune, diffs, plan)
+
+
+def _compare(manifest: Manifest, base: BaseInventory, finetune: FinetuneInventory) -> dict[str, TensorDiff]:
+    """compare.iter_diffs, with its progress shown (bytes of the fine-tune's tensors)."""
+    sizes = {ft: finetune.checkpoint.tensors[ft].nbytes for ft in finetune.base_names}
+    log.debug("comparing %d fine-tune tensor(s) with the base", len(sizes))
+    diffs = {}
+    with progress.stage("compare", sum(sizes.values())) as shown:
+        for diff in iter_diffs(base, finetune, output_dtype_for(manifest)):
+            diffs[diff.name] = diff
+            shown.advance(sizes[diff.source])
+    return diffs
+
+
+def _diffs_from_headers(
+    manifest: Manifest, base: BaseInventory, finetune: FinetuneInventory
+) -> dict[str, TensorDiff]:
+    """Without the base's bytes: the declared tuned tensors are taken unchecked, every other fine-tune tensor
+    is compared on a sample (a frozen part that changed shows there); with nothing declared, all are sampled."""
+    tuned = manifest.finetune.tuned if manifest.finetune.tuned is not None else finetune.derived_tuned
+    mapped = set(finetune.base_names.values())
+    names = [n for n in base.checkpoint.tensors if n in mapped]
+    inside = [n for n in names if tuned is not None and first_match(n, tuned) is not None]
+    pick = output_dtype_for(manifest)
+    diffs = {
+        **unchecked_diffs(base, finetune, pick, inside),
+        **sample_diffs(base, finetune, pick, [n for n in names if n not in set(inside)]),
+    }
+    return {n: diffs[n] for n in names if n in diffs}
 
 
 def card_inputs(prep: Prepared) -> CardInputs:
@@ -196,14 +247,16 @@ def build(
 def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildResult:
     output = prep.manifest.output.dir
     card = card_inputs(prep)
-    written = write_files(
-        staging,
-        prep.plan,
-        prep.base,
-        prep.finetune,
-        link=prep.manifest.output.link,
-        card_text=render_card(card),
-    )
+    with progress.stage("write", _planned_bytes(prep)) as shown:
+        written = write_files(
+            staging,
+            prep.plan,
+            prep.base,
+            prep.finetune,
+            link=prep.manifest.output.link,
+            card_text=render_card(card),
+            on_file=lambda w: shown.advance(w.size),
+        )
     record = make_record(prep, written, card)
     save(staging, record)
     report = None
@@ -215,6 +268,16 @@ def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildRe
     check_replace(output, what="output.dir")  # again, now: the folder may have changed since the plan
     swap_into_place(staging, output)
     return BuildResult(output, prep.plan, tuple(written), record, report)
+
+
+def _planned_bytes(prep: Prepared) -> int:
+    """About what the write will put on disk: each file at its source's size (a progress total, not a promise)."""
+    total = 0
+    for item in prep.plan.files:
+        folder = prep.finetune.folder if item.source == "finetune" else prep.base.folder
+        source = folder / item.path
+        total += source.stat().st_size if item.source != "generated" and source.is_file() else 0
+    return total
 
 
 def _verify_staging(prep: Prepared, staging: Path, record: BuildRecord) -> tuple[BuildRecord, Report]:

@@ -3,6 +3,12 @@
 Each command parses its arguments, calls one library function and prints the result. `main()` is the only
 place where errors become messages and exit codes: a `HubsyncError` is a user's mistake and prints one line
 (traceback only with HUBSYNC_DEBUG=1); anything else is a bug and keeps its traceback.
+
+With `--json`, `main()` also keeps the JSON contract: exactly one JSON document on stdout, on success
+(`{"ok": true, ...the command's data}`) and on error (`{"ok": false, "error": {kind, message, file, line,
+exit_code}, ...whatever data the command had}`). Commands hand their data over with `_result()`; while a
+command runs, anything written to stdout (by hubsync, a library or a child process) goes to stderr instead.
+
 Nothing heavy (torch, transformers, huggingface_hub) is imported at module level, so `--help` is instant.
 """
 
@@ -12,8 +18,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -28,6 +35,9 @@ JSON_FLAG = click.option(
 )
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 def _configure_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
@@ -40,11 +50,51 @@ def _configure_logging(verbosity: int) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+def _dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _result(data: dict[str, Any]) -> None:
+    """The command's data: what `--json` prints (main adds `ok`), also when the command then fails."""
+    click.get_current_context().obj["data"] = data
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    # -q / -v given after the subcommand: the same effect as before it
+    if not value:
+        return
+    obj = ctx.ensure_object(dict)
+    if param.name == "quiet":
+        obj["verbosity"] = -1
+    elif obj.get("verbosity", 0) >= 0:
+        obj["verbosity"] = obj.get("verbosity", 0) + int(value)
+    _configure_logging(obj["verbosity"])
+
+
+def _verbosity_options(command: F) -> F:
+    """`-q` and `-v` on every subcommand too: `hubsync build -q m.yaml` means `hubsync -q build m.yaml`."""
+    quiet = click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_verbosity,
+        help="Only warnings and errors.",
+    )
+    verbose = click.option(
+        "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More output."
+    )
+    return quiet(verbose(command))
+
+
+class _Group(click.Group):
+    """Every subcommand also takes -q/-v (see `_verbosity_options`)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        super().add_command(_verbosity_options(cmd), name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="hubsync")
 @click.option("-v", "--verbose", count=True, help="More output (repeat for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
@@ -69,23 +119,58 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @cli.command()
 @MANIFEST
 @JSON_FLAG
-def validate(manifest: Path, as_json: bool) -> None:
+@click.option(
+    "--deep",
+    is_flag=True,
+    help="Also check the inputs: the fine-tune, keep_files, the base's files and headers (no weights are "
+    "downloaded), and every plan rule that needs no tensor data.",
+)
+def validate(manifest: Path, as_json: bool, deep: bool) -> None:
     """Check a manifest and report every mistake at once, each with its file:line."""
     from hubsync.manifest import load_manifest
     from hubsync.safety import check_manifest_output
 
+    _result({"valid": False})
     try:
         loaded = load_manifest(manifest)
         check_manifest_output(loaded, manifest)  # the output-safety rule, at output.dir's line
     except ManifestError as err:
-        if as_json:
-            _echo_json({"valid": False, "problems": [p.to_dict() for p in err.problems]})
         raise err.listing_all() from None
     ci.after_validate(loaded)
-    if as_json:
-        _echo_json({"valid": True, "manifest": loaded.to_record()})
-    else:
+    _result({"valid": True, "manifest": loaded.to_record()})
+    if not as_json:
         click.echo(f"{manifest}: valid")
+    if deep:
+        _validate_inputs(manifest, as_json)
+
+
+def _validate_inputs(manifest: Path, as_json: bool) -> None:
+    from hubsync.build import prepare
+
+    prepared = prepare(manifest, weights="headers")
+    plan = prepared.plan
+    data = click.get_current_context().obj["data"]
+    data["inputs"] = {
+        "base": plan.base_label,
+        "base_weights": prepared.base.weights,
+        "finetune": plan.finetune_folder,
+        "problems": list(plan.problems),
+        "unchecked": list(plan.unchecked),
+    }
+    if not as_json:
+        for problem in plan.problems:
+            click.echo(f"{manifest}: {problem}", err=True)
+        if plan.unchecked:
+            click.echo(
+                f"{manifest}: not checked without the base's weights (`hubsync build` checks them):", err=True
+            )
+            for rule in plan.unchecked:
+                click.echo(f"  - {rule}", err=True)
+        if plan.ok:
+            click.echo(
+                f"{manifest}: inputs ok ({plan.base_label}, {len(plan.tuned_tensors)} tuned tensor(s))"
+            )
+    plan.raise_for_problems()
 
 
 @cli.command()
@@ -97,14 +182,17 @@ def validate(manifest: Path, as_json: bool) -> None:
     help="Accept changes outside `finetune.tuned` (taken from the base).",
 )
 def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
-    """Show what a build would write and where each file and tensor comes from, without writing anything."""
+    """Show what a build would write and where each file and tensor comes from, without writing anything.
+
+    Downloads only the base's non-weight files and reads its safetensors headers over HTTP; the tensor
+    comparison runs when the base's weights are already in the cache (see docs/cli.md).
+    """
     from hubsync.build import prepare
     from hubsync.plan import render
 
-    prepared = prepare(manifest, allow_untuned_changes=allow_untuned_changes)
-    if as_json:
-        _echo_json(prepared.plan.to_dict())
-    else:
+    prepared = prepare(manifest, allow_untuned_changes=allow_untuned_changes, weights="headers")
+    _result(prepared.plan.to_dict())
+    if not as_json:
         click.echo(render(prepared.plan))
     prepared.plan.raise_for_problems()
 
@@ -132,15 +220,15 @@ def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes:
         result = run_build(manifest, verify=not no_verify, allow_untuned_changes=allow_untuned_changes)
     report = result.report
     ci.after_build(manifest, result, report)
-    if as_json:
-        _echo_json(
-            {
-                "output": str(result.output),
-                "plan": result.plan.to_dict(),
-                "verification": None if report is None else report.to_json(),
-            }
-        )
-    else:
+    _result(
+        {
+            "output": str(result.output),
+            "failed_output": None if result.failed_output is None else str(result.failed_output),
+            "plan": result.plan.to_dict(),
+            "verification": None if report is None else report.to_json(),
+        }
+    )
+    if not as_json:
         click.echo(render(result.plan))
         if result.failed_output is None:
             click.echo(f"\nbuilt {result.output}")
@@ -176,9 +264,8 @@ def verify(target: Path, as_json: bool, trust_remote_code: bool | None, python: 
     with ci.group("hubsync verify"):
         report = run_verify(target, trust_remote_code=trust_remote_code, python=python)
     ci.after_verify(report)
-    if as_json:
-        _echo_json(report.to_json())
-    else:
+    _result(report.to_json())
+    if not as_json:
         click.echo(render_report(report))
     if not report.passed:
         raise VerifyError(f"verification failed: {summary_line(report)}")
@@ -204,24 +291,28 @@ def push(ctx: click.Context, manifest: Path | None, as_json: bool, skip_verify_c
     with ci.group("hubsync push"):
         result = run_push(manifest, skip_verify_check=skip_verify_check, quiet=ctx.obj["verbosity"] < 0)
     ci.after_push(result)
-    if as_json:
-        _echo_json(result.to_dict())
-    elif result.up_to_date:
+    _result(result.to_dict())
+    if not as_json:
+        _echo_push(result)
+
+
+def _echo_push(result: Any) -> None:
+    if result.up_to_date:
         click.echo(
             f"{result.repo_id}@{result.revision} is already up to date ({(result.commit_sha or '')[:12]})"
         )
-    else:
-        click.echo(f"pushed {result.repo_id}@{result.revision}: {result.commit_url or result.pr_url}")
-        click.echo(
-            f"  {len(result.uploaded)} file(s) uploaded ({result.bytes_uploaded:,} bytes), "
-            f"{len(result.copied)} copied server-side from the base ({result.bytes_copied:,} bytes), "
-            f"{len(result.unchanged)} unchanged, {len(result.deleted)} deleted; "
-            f"{result.bytes_in_build:,} bytes in the build"
-        )
-        if result.pr_url:
-            click.echo(f"  pull request: {result.pr_url}")
-        if result.tag:
-            click.echo(f"  tagged {result.tag}")
+        return
+    click.echo(f"pushed {result.repo_id}@{result.revision}: {result.commit_url or result.pr_url}")
+    click.echo(
+        f"  {len(result.uploaded)} file(s) uploaded ({result.bytes_uploaded:,} bytes), "
+        f"{len(result.copied)} copied server-side from the base ({result.bytes_copied:,} bytes), "
+        f"{len(result.unchanged)} unchanged, {len(result.deleted)} deleted; "
+        f"{result.bytes_in_build:,} bytes in the build"
+    )
+    if result.pr_url:
+        click.echo(f"  pull request: {result.pr_url}")
+    if result.tag:
+        click.echo(f"  tagged {result.tag}")
 
 
 @cli.command()
@@ -233,7 +324,9 @@ def status(manifest: Path | None, as_json: bool) -> None:
     from hubsync.push import status as run_status
 
     data = run_status(manifest)
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else render_status(data))
+    _result(data)
+    if not as_json:
+        click.echo(render_status(data))
 
 
 @cli.command()
@@ -241,18 +334,37 @@ def status(manifest: Path | None, as_json: bool) -> None:
 @click.option(
     "--base", "base", required=True, metavar="REPO[@REV]", help="The base model the fine-tune started from."
 )
-def doctor(finetune_dir: Path, base: str) -> None:
-    """Diagnose a trainer output against its base and print a manifest that fixes it."""
+@JSON_FLAG
+def doctor(finetune_dir: Path, base: str, as_json: bool) -> None:
+    """Diagnose a trainer output against its base and print a manifest that fixes it.
+
+    Reads the base's headers and a small sample of its weights over HTTP, unless they are in the cache
+    (see docs/cli.md). Exits 1 when it finds problems that stop a build even with that manifest.
+    """
     from hubsync.doctor import diagnose
+    from hubsync.errors import PlanError
 
     result = diagnose(finetune_dir, base)
-    click.echo(f"{finetune_dir} against {base}:", err=True)
-    for finding in result.findings:
-        click.echo(f"  - {finding}", err=True)
-    for problem in result.problems:
-        click.echo(f"  ! {problem}", err=True)
-    click.echo("\nA manifest for `hubsync build` (save it as manifest.yaml):\n", err=True)
-    click.echo(result.manifest_text, nl=False)
+    _result(
+        {
+            "findings": list(result.findings),
+            "problems": list(result.problems),
+            "manifest": result.manifest_text,
+        }
+    )
+    if not as_json:
+        click.echo(f"{finetune_dir} against {base}:", err=True)
+        for finding in result.findings:
+            click.echo(f"  - {finding}", err=True)
+        for problem in result.problems:
+            click.echo(f"  ! {problem}", err=True)
+        click.echo("\nA manifest for `hubsync build` (save it as manifest.yaml):\n", err=True)
+        click.echo(result.manifest_text, nl=False)
+    if result.problems:
+        raise PlanError(
+            f"{len(result.problems)} problem(s) stop a build even with this manifest (marked `!`): "
+            "fix them in the fine-tune, then run `hubsync doctor` again"
+        )
 
 
 @cli.command()
@@ -263,11 +375,26 @@ def doctor(finetune_dir: Path, base: str) -> None:
     show_default=True,
     help="Folder for the demo's local Hub, fine-tune and build.",
 )
-def demo(workdir: Path) -> None:
+@click.option(
+    "--serve",
+    is_flag=True,
+    help="Keep the demo's local Hub running afterwards (until Ctrl-C), to follow the next steps it prints.",
+)
+@JSON_FLAG
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path, serve: bool, as_json: bool) -> None:
     """Run the whole story offline on an embedded local Hub with a tiny model."""
     from hubsync.demo import run_demo
 
-    run_demo(workdir)
+    def ready(data: dict[str, Any]) -> None:
+        _result(data)
+        if as_json:  # `--serve`: the document comes now, while the Hub runs, not after Ctrl-C
+            ctx.obj["send"]()
+
+    run_demo(workdir, serve=serve, on_ready=ready)
+
+
+# ------------------------------------------------------------------------------------------ the one boundary
 
 
 def _echo_error(err: HubsyncError) -> None:
@@ -278,33 +405,122 @@ def _echo_error(err: HubsyncError) -> None:
         click.echo(f"error: {err.one_line()}", err=True)
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
-    """Entry point: the one error boundary of hubsync."""
+def _error_document(err: BaseException, exit_code: int) -> dict[str, Any]:
+    """The `error` object of the JSON contract."""
+    file = line = None
+    if isinstance(err, HubsyncError):
+        message = err.one_line()
+    elif isinstance(err, click.ClickException):
+        message = err.format_message()
+    elif isinstance(err, (KeyboardInterrupt, click.exceptions.Abort)):
+        message = "interrupted: nothing half-written was left behind"
+    else:
+        message = (
+            f"{type(err).__name__}: {err} (a bug in hubsync: please report it, with HUBSYNC_DEBUG=1 output)"
+        )
+    error: dict[str, Any] = {
+        "kind": "UsageError" if isinstance(err, click.UsageError) else type(err).__name__,
+        "message": message,
+        "file": file,
+        "line": line,
+        "exit_code": exit_code,
+    }
+    if isinstance(err, ManifestError):
+        first = err.problems[0] if err.problems else None
+        error["file"] = first.file if first else err.path
+        error["line"] = first.line if first else None
+        error["problems"] = [p.to_dict() for p in err.problems]
+    return error
+
+
+class _JsonOutput:
+    """While a `--json` command runs, file descriptor 1 points at stderr (so that nothing but the document
+    reaches stdout, whoever writes); `send` writes the one document on the real stdout."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+        self.sent = False
+        self._stdout_fd: int | None = None
+
+    def __enter__(self) -> _JsonOutput:
+        sys.stdout.flush()
+        self._stdout_fd = os.dup(1)
+        os.dup2(2, 1)
+        self.state["send"] = self.send
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+        if self._stdout_fd is not None:
+            os.dup2(self._stdout_fd, 1)
+            os.close(self._stdout_fd)
+            self._stdout_fd = None
+
+    def send(self, error: dict[str, Any] | None = None) -> None:
+        if self.sent:
+            return
+        self.sent = True
+        document = {"ok": error is None, **self.state.get("data", {})}
+        if error is not None:
+            document["error"] = error
+        sys.stdout.flush()
+        text = (_dumps(document) + "\n").encode("utf-8")
+        fd = self._stdout_fd if self._stdout_fd is not None else 1
+        while text:
+            text = text[os.write(fd, text) :]
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """`--json` anywhere before a `--` (so even a usage error in that command line answers in JSON)."""
+    return "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+
+
+def _run(argv: list[str], state: dict[str, Any], out: _JsonOutput | None) -> int:
+    """The command, with every way it can end turned into an exit code (and, with --json, a document)."""
     debug = os.environ.get("HUBSYNC_DEBUG", "") not in ("", "0")
+    code = 0
+    failure: BaseException | None = None
     try:
-        cli.main(args=argv, prog_name="hubsync", standalone_mode=False)
+        cli.main(args=argv, prog_name="hubsync", standalone_mode=False, obj=state)
     except HubsyncError as err:
         ci.report_error(err)
+        failure, code = err, err.exit_code
+        if out is not None:
+            out.send(_error_document(err, code))
         if debug:
             raise
         _echo_error(err)
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as err:
+        failure, code = err, 130
         click.echo("error: aborted", err=True)
-        sys.exit(130)
     except click.ClickException as err:
         ci.report_error(err)
+        failure, code = err, err.exit_code
         err.show()
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        failure, code = err, 130
         click.echo("error: interrupted; nothing half-written was left behind", err=True)
-        sys.exit(130)
     except BrokenPipeError:
-        sys.exit(141)
+        return 141
     except Exception as err:  # a bug: annotated in CI, and it keeps its traceback
         ci.report_error(err)
+        if out is not None:
+            out.send(_error_document(err, 1))
         raise
-    sys.exit(0)
+    if out is not None:
+        out.send(None if failure is None else _error_document(failure, code))
+    return code
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: the one error boundary of hubsync."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    state: dict[str, Any] = {}
+    if not _wants_json(args) or any(a in ("-h", "--help", "--version") for a in args):
+        sys.exit(_run(args, state, None))
+    with _JsonOutput(state) as out:
+        code = _run(args, state, out)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,8 +22,9 @@ from hubsync.resolve import BaseInventory
 #            fp16; an fp16 base trained in bf16 and saved upcast to fp32): not a change; `rounding` says which
 # vanished:  changed in training, but identical to the base once cast to the output dtype
 # changed:   differs from the base in the output
-State = Literal["same", "roundtrip", "vanished", "changed"]
-ORDER: dict[str, int] = {"same": 0, "roundtrip": 1, "vanished": 2, "changed": 3}
+# unchecked: not compared (a plan made from the base's headers, without its bytes); `build` compares it
+State = Literal["same", "roundtrip", "vanished", "changed", "unchecked"]
+ORDER: dict[str, int] = {"unchecked": -1, "same": 0, "roundtrip": 1, "vanished": 2, "changed": 3}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TensorDiff:
     max_abs: float = 0.0
     rel: float = 0.0
     rounding: str | None = None  # for roundtrip: the dtype the base was rounded through
+    sampled: bool = False  # decided on a sample of the values (hubsync.sample), not on every byte
 
 
 # Training dtypes that hold every value of a base dtype exactly (so casting back is the identity).

@@ -2,7 +2,8 @@
 
 It runs the same resolve -> read -> compare -> plan stages as a build, with nothing declared, then explains
 what is missing or stale against the base in plain words (the failure catalogue) and prints a manifest that
-`hubsync build` accepts.
+`hubsync build` accepts. The base's weights are not downloaded (unless already cached): their headers and a
+sample of each tensor's values are read over HTTP (hubsync.sample), enough to find the parts that changed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from hubsync.errors import HubsyncError
+from hubsync.errors import FinetuneError, HubsyncError
 from hubsync.manifest import parse_manifest
 from hubsync.tuned import unmoved_under
 
@@ -39,6 +40,8 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
 
     cwd = (cwd or Path.cwd()).resolve()
     findings: list[str] = []
+    if not finetune_dir.is_dir():  # before anything is fetched
+        raise FinetuneError(f"fine-tune folder {finetune_dir} does not exist: check the path")
     local = Path(base)
     if local.is_dir():
         base_yaml = {"path": str(local.resolve())}
@@ -46,7 +49,7 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
         repo, rev = _base_spec(base)
         if rev is None:
             findings.append(f"no revision given for {repo}: pinned to the current head of main")
-        sha, _ = download_base(repo, rev or "main")
+        sha, _ = download_base(repo, rev or "main", weights=False)
         base_yaml = {"repo": repo, "revision": sha}
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", finetune_dir.resolve().name).strip("-") or "model"
     draft = {
@@ -55,7 +58,7 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
         "output": {"dir": str(cwd / "build" / name)},
     }
     manifest = parse_manifest(yaml.safe_dump(draft, sort_keys=False), file="<doctor>", root=cwd)
-    prep = prepare_manifest(manifest, cwd / "manifest.yaml")
+    prep = prepare_manifest(manifest, cwd / "manifest.yaml", weights="headers")
     plan = prep.plan
     ft = prep.finetune
 
@@ -99,12 +102,20 @@ def diagnose(finetune_dir: Path, base: str, *, cwd: Path | None = None) -> Diagn
             f"NaN or Inf in {len(nonfinite)} tensor(s), e.g. {nonfinite[0]}: the training diverged"
         )
     suggested = list(plan.suggested_tuned)
+    sampled = any(d.sampled for d in prep.diffs.values())
     if suggested:
         findings.append(f"changed parts (declare them as finetune.tuned): {', '.join(suggested)}")
         findings.extend(_unmoved_findings(prep.diffs, suggested, prep.base.checkpoint.tensors))
     else:
         findings.append(
-            "no tensor differs from the base: wrong checkpoint, or the change vanished in the cast"
+            "no tensor differs from the base"
+            + (" in a sample of its values" if sampled else "")
+            + ": wrong checkpoint, or the change vanished in the cast"
+        )
+    if sampled:
+        findings.append(
+            "compared on a sample of each tensor's values (the base's weights were not downloaded): "
+            "`hubsync build` compares every byte"
         )
 
     remote_code = any(f.endswith(".py") for f in prep.base.files)

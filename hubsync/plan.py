@@ -95,6 +95,7 @@ class PrefixSummary:
     params_changed: int
     max_abs: float
     rel: float  # largest relative change of any tensor under the prefix
+    unchecked: int = 0  # tensors not compared (a plan from the base's headers): taken from the fine-tune
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class Plan:
     problems: tuple[str, ...]
     suggested_tuned: tuple[str, ...] = field(default_factory=tuple)
     dropped_base: tuple[tuple[str, str], ...] = ()  # (file, why): base files that never reach the output
+    unchecked: tuple[str, ...] = ()  # rules this plan could not check without the base's bytes (build does)
 
     @property
     def ok(self) -> bool:
@@ -333,7 +335,25 @@ def make_plan(
         problems=tuple(found.problems),
         suggested_tuned=suggested,
         dropped_base=tuple(stale.items()),
+        unchecked=unchecked_rules(diffs),
     )
+
+
+def unchecked_rules(diffs: dict[str, TensorDiff]) -> tuple[str, ...]:
+    """What a plan made without the base's bytes could not check (hubsync.sample); `build` checks all of it."""
+    rules = []
+    if any(d.state == "unchecked" for d in diffs.values()):
+        rules += [
+            "that each tuned tensor differs from the base, and by how much (max |Δ|, rel Δ)",
+            "that no tuned prefix is identical to the base (the wrong checkpoint, or a change lost in the cast)",
+            "NaN or Inf in the tuned tensors",
+        ]
+    if any(d.sampled for d in diffs.values()):
+        rules.append(
+            "tensors outside the tuned parts were compared on a sample of their values: one whose sample "
+            "equals the base may still differ elsewhere"
+        )
+    return tuple(rules)
 
 
 def _note_revision(base: BaseInventory, found: _Findings) -> None:
@@ -371,7 +391,7 @@ def _tensors_from_finetune(
             + ", ".join(suggested)
             + f". Declare them: `tuned: [{', '.join(repr(p) for p in suggested)}]`"
             if different
-            else "the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast"
+            else _nothing_differs(diffs)
         )
         return set()
     found.problems.extend(boundary_problems(tuned, base.checkpoint.tensors))
@@ -382,7 +402,8 @@ def _tensors_from_finetune(
             )
     _untuned_changes(tuned, different, unchanged, allow_untuned_changes, found)
     take: set[str] = set()
-    for name in sorted(n for n, d in diffs.items() if d.state == "changed"):
+    # `unchecked`: a plan from the base's headers takes what the manifest declares; build checks it
+    for name in sorted(n for n, d in diffs.items() if d.state in ("changed", "unchecked")):
         if _under(name, tuned) is None:
             continue
         if diffs[name].nonfinite:
@@ -392,6 +413,15 @@ def _tensors_from_finetune(
         else:
             take.add(name)
     return take
+
+
+def _nothing_differs(diffs: dict[str, TensorDiff]) -> str:
+    if any(d.sampled or d.state == "unchecked" for d in diffs.values()):
+        return (
+            "`finetune.tuned` is not declared, and no tensor differs from the base in a sample of its values: "
+            "declare the tuned prefixes, or download the base so that every byte is compared"
+        )
+    return "the fine-tune is identical to the base: wrong checkpoint, or the change vanished in the cast"
 
 
 def _untuned_changes(
@@ -452,13 +482,14 @@ def _summarise(prefix: str, names: list[str], diffs: dict[str, TensorDiff]) -> P
         max_abs=max((d.max_abs for d in finite), default=0.0),
         # a zero base tensor (a fresh bias) has no relative change: leave it out of the max
         rel=max((d.rel for d in finite if math.isfinite(d.rel)), default=0.0),
+        unchecked=sum(1 for n in names if n in diffs and diffs[n].state == "unchecked"),
     )
 
 
 def _check_prefix_changed(
     summary: PrefixSummary, names: list[str], base: BaseInventory, manifest: Manifest, found: _Findings
 ) -> None:
-    if not names or summary.changed:
+    if not names or summary.changed or summary.unchecked:
         return
     pick_dtype = output_dtype_for(manifest)
     dtype = DTYPE_NAMES.get(pick_dtype(base.checkpoint.tensors[names[0]].dtype), "the output dtype")
@@ -787,11 +818,7 @@ def render(plan: Plan) -> str:
         lines += ["", "tuned parts"]
         lines.append(f"  {'prefix':<28} {'changed':>13} {'params':>9} {'max |Δ|':>10} {'rel Δ':>9}")
         for p in plan.prefixes:
-            lines.append(
-                f"  {p.prefix:<28} {f'{p.changed}/{p.tensors}':>13} {_human(p.params_changed):>9} "
-                f"{p.max_abs:>10.3g} {p.rel:>9.3g}"
-                + (f"  ({p.vanished} vanished in the cast)" if p.vanished else "")
-            )
+            lines.append(_prefix_row(p))
     tuned = plan.tuned_tensors
     lines += [
         "",
@@ -812,8 +839,20 @@ def render(plan: Plan) -> str:
         lines += ["", "base files left out"] + [f"  {path}: {why}" for path, why in plan.dropped_base]
     if plan.notes:
         lines += ["", "notes"] + [f"  - {n}" for n in plan.notes]
+    if plan.unchecked:
+        lines += ["", "not checked without the base's weights (`hubsync build` checks them)"]
+        lines += [f"  ? {rule}" for rule in plan.unchecked]
     if plan.problems:
         lines += ["", "problems (the build stops)"] + [f"  ! {p}" for p in plan.problems]
     else:
         lines += ["", "ok: the plan breaks no rule"]
     return "\n".join(lines)
+
+
+def _prefix_row(p: PrefixSummary) -> str:
+    if p.unchecked:
+        return f"  {p.prefix:<28} {f'?/{p.tensors}':>13}  not compared: {p.unchecked} tensor(s) from the fine-tune"
+    return (
+        f"  {p.prefix:<28} {f'{p.changed}/{p.tensors}':>13} {_human(p.params_changed):>9} "
+        f"{p.max_abs:>10.3g} {p.rel:>9.3g}" + (f"  ({p.vanished} vanished in the cast)" if p.vanished else "")
+    )

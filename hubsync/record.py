@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hubsync import fsio
+from hubsync import fsio, progress
 from hubsync.errors import RecordError, VerifyError
 
 RECORD_FILE = "hubsync.json"
@@ -282,7 +282,14 @@ def hash_files(folder: Path) -> dict[str, str]:
     """sha256 of every file of a build folder but the record itself."""
     from hubsync.tensors import sha256_file
 
-    return {rel: sha256_file(folder / rel) for rel in fsio.list_files(folder) if rel != RECORD_FILE}
+    files = [rel for rel in fsio.list_files(folder) if rel != RECORD_FILE]
+    sizes = {rel: (folder / rel).stat().st_size for rel in files}
+    hashes = {}
+    with progress.stage("hash", sum(sizes.values())) as shown:
+        for rel in files:
+            hashes[rel] = sha256_file(folder / rel)
+            shown.advance(sizes[rel])
+    return hashes
 
 
 def verification_gate(folder: Path) -> tuple[BuildRecord, dict[str, str]]:
@@ -365,14 +372,16 @@ class LastBuild:
     output: Path
 
 
-def remember_last_build(manifest_path: Path, output: Path) -> str | None:
-    """So that a bare `hubsync push` in this directory knows what to push. Returns a warning, or None."""
+def remember_last_build(manifest_path: Path, output: Path, *, cwd: Path | None = None) -> str | None:
+    """So that a bare `hubsync push` in this directory (or `cwd`) knows what to push. Returns a warning, or
+    None."""
+    pointer = LAST_BUILD if cwd is None else cwd / LAST_BUILD
     try:
-        LAST_BUILD.parent.mkdir(exist_ok=True)
+        pointer.parent.mkdir(exist_ok=True)
         content = {"manifest": str(manifest_path.resolve()), "output": str(output.resolve())}
-        fsio.replace_atomically(LAST_BUILD, fsio.json_bytes(content), error=RecordError)
+        fsio.replace_atomically(pointer, fsio.json_bytes(content), error=RecordError)
     except (OSError, RecordError) as err:  # a read-only working directory must not fail a finished build
-        return f"could not record the last build in {LAST_BUILD} ({err})"
+        return f"could not record the last build in {pointer} ({err})"
     return None
 
 

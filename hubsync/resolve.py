@@ -15,12 +15,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hubsync.errors import BaseResolutionError
 from hubsync.fsio import describe_os_error, is_filesystem_error, list_files, read_json_object
 from hubsync.manifest import BaseSpec
+from hubsync.remote import WEIGHT_PATTERNS, RemoteFiles, remote_checkpoint, repo_sizes
 from hubsync.tensors import Checkpoint, list_checkpoint
+
+# What a stage needs of the base's weights: "all" downloads them (build); "headers" reads only their headers
+# over HTTP unless they are already in the cache (plan, doctor, validate --deep).
+Weights = Literal["all", "headers"]
 
 log = logging.getLogger("hubsync")
 
@@ -36,6 +41,14 @@ class BaseInventory:
     files: tuple[str, ...]
     checkpoint: Checkpoint
     config: dict[str, Any]
+    # Set when the weights were not downloaded: their tensors are known from headers read over HTTP, and
+    # `remote` reads byte ranges of them. `checkpoint`'s paths then name files that are not on disk.
+    remote: RemoteFiles | None = None
+
+    @property
+    def weights(self) -> str:
+        """Where the weights are: "on disk", or "headers only" (not downloaded)."""
+        return "on disk" if self.remote is None else "headers only"
 
     @cached_property
     def weight_map(self) -> dict[str, str]:
@@ -87,8 +100,9 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
-    """Resolve `revision` to a sha and fetch that snapshot into the cache. Returns (sha, folder)."""
+def download_base(repo_id: str, revision: str, *, weights: bool = True) -> tuple[str, Path]:
+    """Resolve `revision` to a sha and fetch that snapshot into the cache (without its weight files unless
+    `weights`). Returns (sha, folder)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -99,13 +113,16 @@ def download_base(repo_id: str, revision: str) -> tuple[str, Path]:
     )
 
     where = f"{repo_id}@{revision}"
+    skip = None if weights else list(WEIGHT_PATTERNS)
     try:
         if offline():
-            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            folder = Path(
+                snapshot_download(repo_id, revision=revision, local_files_only=True, ignore_patterns=skip)
+            )
             return folder.name, folder
         # One resolution, by snapshot_download itself: it records refs/<branch> in the cache (so that
         # HF_HUB_OFFLINE=1 later finds the same commit) and names the snapshot folder by the commit sha.
-        folder = Path(snapshot_download(repo_id, revision=revision))
+        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=skip))
         return folder.name, folder
     except GatedRepoError:
         raise BaseResolutionError(
@@ -152,8 +169,10 @@ def _cache_error(err: OSError, where: str) -> str:
     )
 
 
-def resolve_base(spec: BaseSpec) -> BaseInventory:
-    """Pin the base to a sha (or take a local folder) and read its file list, tensor headers and config."""
+def resolve_base(spec: BaseSpec, *, weights: Weights = "all") -> BaseInventory:
+    """Pin the base to a sha (or take a local folder) and read its file list, tensor headers and config.
+    With `weights="headers"`, a Hub base's weight files are not downloaded unless already in the cache."""
+    remote = None
     if spec.path is not None:
         folder = spec.path
         if not folder.is_dir():
@@ -162,10 +181,16 @@ def resolve_base(spec: BaseSpec) -> BaseInventory:
     else:
         assert spec.repo is not None and spec.revision is not None  # guaranteed by the manifest schema
         repo_id, revision = spec.repo, spec.revision
-        sha, folder = download_base(repo_id, revision)
+        sha, folder = download_base(repo_id, revision, weights=weights == "all")
         if sha != revision:
             log.info("base %s@%s resolved to commit %s", repo_id, revision, sha)
-    checkpoint = list_checkpoint(folder, error=BaseResolutionError)
+        if weights == "headers" and not _weights_cached(folder):
+            remote = _remote_base(repo_id, sha)
+    checkpoint = (
+        list_checkpoint(folder, error=BaseResolutionError)
+        if remote is None
+        else remote_checkpoint(folder, remote)
+    )
     if checkpoint.format != "safetensors":
         raise BaseResolutionError(
             f"the base {folder} has no safetensors weights (only {checkpoint.format}): hubsync keeps the base's "
@@ -176,7 +201,27 @@ def resolve_base(spec: BaseSpec) -> BaseInventory:
         revision=revision,
         sha=sha,
         folder=folder,
-        files=list_files(folder),
+        files=list_files(folder) if remote is None else tuple(sorted(remote.sizes)),
         checkpoint=checkpoint,
         config=read_json(folder / "config.json"),
+        remote=remote,
     )
+
+
+def _weights_cached(folder: Path) -> bool:
+    """Whether an earlier download left the snapshot's weights in the cache (then a plan reads them there)."""
+    try:
+        list_checkpoint(folder, error=BaseResolutionError)
+    except BaseResolutionError:
+        return False
+    return True
+
+
+def _remote_base(repo_id: str, sha: str) -> RemoteFiles:
+    if offline():
+        raise BaseResolutionError(
+            f"the weights of {repo_id}@{sha[:12]} are not in the local cache and HF_HUB_OFFLINE=1: their headers "
+            "are read from the Hub: unset HF_HUB_OFFLINE, or download the base once online"
+        )
+    log.info("reading the headers of %s@%s over HTTP (its weights are not downloaded)", repo_id, sha[:12])
+    return RemoteFiles(repo_id, sha, repo_sizes(repo_id, sha))

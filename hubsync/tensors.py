@@ -47,7 +47,9 @@ __all__ = [
     "has_nan_or_inf",
     "iter_tensor_chunks",
     "list_checkpoint",
+    "list_remote_checkpoint",
     "load_tensor",
+    "parse_safetensors_header",
     "read_index",
     "read_safetensors_header",
     "same_after_roundtrip",
@@ -131,6 +133,7 @@ _DTYPE_ALIASES: dict[str, str] = {
 }
 
 ErrorType = type[HubsyncError]
+HeaderReader = Callable[..., "SafetensorsHeader"]  # (path, *, error) -> SafetensorsHeader
 
 
 # ------------------------------------------------------------------------------------------------ dtypes
@@ -246,6 +249,15 @@ def read_safetensors_header(
     """
     path = Path(path)
     size, header_size, raw = _read_header_bytes(path, error)
+    return parse_safetensors_header(path, size, raw, error=error)
+
+
+def parse_safetensors_header(
+    path: Path, size: int, raw: bytes, *, error: ErrorType = FinetuneError
+) -> SafetensorsHeader:
+    """A header read by other means (e.g. an HTTP range request of a file `size` bytes long), validated exactly as
+    `read_safetensors_header` validates one read from disk. `path` is where the file is, or would be."""
+    header_size = len(raw)
     name = path.name
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
@@ -505,9 +517,39 @@ def list_checkpoint(folder: str | os.PathLike[str], *, error: ErrorType = Finetu
     )
 
 
-def _list_single_safetensors(folder: Path, present: list[Path], error: ErrorType) -> Checkpoint:
+def list_remote_checkpoint(
+    folder: Path, files: Sequence[str], read_header: HeaderReader, *, error: ErrorType
+) -> Checkpoint:
+    """The safetensors weights of a model whose weight files are not on disk: `files` lists the repo's files,
+    `read_header` reads a header by other means (HTTP ranges); only the index must be in `folder`. The same
+    choice of files and the same checks as `list_checkpoint`."""
+    top = {f for f in files if "/" not in f}
+    present = sorted(
+        folder / f for f in top if f.endswith(".safetensors") and not f.startswith(_ADAPTER_PREFIX)
+    )
+    indexes = sorted(f for f in top if f.endswith(".safetensors.index.json"))
+    index = SAFETENSORS_INDEX if SAFETENSORS_INDEX in indexes else (indexes[0] if len(indexes) == 1 else None)
+    listed = {folder / f for f in top}
+    if index is not None and (folder / index).is_file():
+        return _list_safetensors_index(
+            folder, folder / index, present, error, read_header, exists=lambda p: p in listed
+        )
+    if present:
+        return _list_single_safetensors(folder, present, error, read_header, exists=lambda p: p in listed)
+    raise error(
+        f"no safetensors weights in {folder.name}: expected {SAFETENSORS_INDEX} or a *.safetensors file"
+    )
+
+
+def _list_single_safetensors(
+    folder: Path,
+    present: list[Path],
+    error: ErrorType,
+    read_header: HeaderReader = read_safetensors_header,
+    exists: Callable[[Path], bool] = Path.is_file,
+) -> Checkpoint:
     chosen = folder / SAFETENSORS_SINGLE
-    if not chosen.is_file():
+    if not exists(chosen):
         if len(present) > 1:
             names = ", ".join(p.name for p in present)
             raise error(
@@ -515,7 +557,7 @@ def _list_single_safetensors(folder: Path, present: list[Path], error: ErrorType
                 "add the index or keep only the weights file"
             )
         chosen = present[0]
-    header = read_safetensors_header(chosen, error=error)
+    header = read_header(chosen, error=error)
     return Checkpoint(
         folder=folder,
         format="safetensors",
@@ -561,15 +603,22 @@ def _list_bin_index(folder: Path, bin_index: Path, error: ErrorType) -> Checkpoi
     )
 
 
-def _list_safetensors_index(folder: Path, index: Path, present: list[Path], error: ErrorType) -> Checkpoint:
+def _list_safetensors_index(
+    folder: Path,
+    index: Path,
+    present: list[Path],
+    error: ErrorType,
+    read_header: HeaderReader = read_safetensors_header,
+    exists: Callable[[Path], bool] = Path.is_file,
+) -> Checkpoint:
     weight_map, metadata = _read_index_document(index, error)
     shard_names = sorted(set(weight_map.values()))
     headers: dict[Path, SafetensorsHeader] = {}
     for shard_name in shard_names:
         shard = folder / shard_name
-        if not shard.is_file():
+        if not exists(shard):
             raise error(f"{index.name} names shard {shard_name}, which is not in {folder}: re-download it")
-        headers[shard] = read_safetensors_header(shard, error=error)
+        headers[shard] = read_header(shard, error=error)
     tensors: dict[str, TensorRef] = {}
     for tname, shard_name in weight_map.items():
         info = headers[folder / shard_name].tensors.get(tname)

@@ -178,8 +178,10 @@ def write_files(
     *,
     link: str,
     card_text: str,
+    on_file: Callable[[WrittenFile], None] | None = None,
 ) -> list[WrittenFile]:
-    """Write every planned file except hubsync.json into `staging`; return what was written."""
+    """Write every planned file except hubsync.json into `staging`; return what was written. `on_file` is
+    called after each file (progress)."""
     written: list[WrittenFile] = []
     for item in plan.files:
         if item.action == "provenance":
@@ -188,6 +190,8 @@ def write_files(
         fsio.make_dir(dest.parent, parents=True, exist_ok=True)
         sha = _write_one(item, dest, plan, base, finetune, link=link, card_text=card_text)
         written.append(WrittenFile(item.path, sha, dest.stat().st_size, item.source))
+        if on_file is not None:
+            on_file(written[-1])
         log.debug("wrote %s (%s, %s)", item.path, item.source, item.action)
     return written
 

@@ -327,7 +327,7 @@ def test_cli_in_actions_annotates_on_stderr_and_keeps_json_on_stdout(tmp_path: P
     }
     env.pop("HUBSYNC_DEBUG", None)
     bad = run_cli("validate", "--json", str(manifest), env=env, timeout=120)
-    assert bad.returncode == 2 and json.loads(bad.stdout)["valid"] is False
+    assert bad.returncode == 2 and json.loads(bad.stdout)["ok"] is False
     assert (
         "::error file=m.yaml,line=2::finetune.pth: unknown key 'pth': did you mean `path`?"
         in bad.stderr.splitlines()
@@ -336,7 +336,7 @@ def test_cli_in_actions_annotates_on_stderr_and_keeps_json_on_stdout(tmp_path: P
         "base: {repo: a/b@main}\nfinetune: {path: x}\noutput: {dir: o}\npush: {repo: my-org/m}\n"
     )
     good = run_cli("validate", "--json", str(manifest), env=env, timeout=120)
-    assert good.returncode == 0 and json.loads(good.stdout)["valid"] is True
+    assert good.returncode == 0 and json.loads(good.stdout)["ok"] is True
     assert read_file_command(outputs)["repo"] == "my-org/m"
 
 
@@ -746,3 +746,143 @@ def test_failed_verification_fails_before_anything_is_uploaded(
     assert "hubsync: verification failed" in titles  # the error that ends the step
     assert "**Verification ❌ failed" in run.summary and "| model loads | ❌ FAIL |" in run.summary
     _no_upload(workflow.hub, repo)
+
+
+# ------------------------------------------------------------------------------------- which torch, in which Python
+
+
+def _fake_torch_wheel(folder: Path, version: str) -> Path:
+    """A wheel named torch whose only content says which build it stands for (CPU or CUDA)."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"torch-{version}-py3-none-any.whl"
+    info = f"torch-{version}.dist-info"
+    files = {
+        "torch/__init__.py": f"__version__ = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hubsync-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return wheel
+
+
+def _package_index(root: Path, version: str) -> str:
+    """A PEP 503 index (file://) that serves one torch wheel: a stand-in for PyPI or PyTorch's CPU index."""
+    wheel = _fake_torch_wheel(root / "torch", version)
+    (root / "torch" / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>\n')
+    return root.as_uri()
+
+
+@dataclass
+class Runner:
+    """A runner machine for the environment step: its `python3`, maybe a GPU, and two package indexes."""
+
+    tmp_path: Path
+    python: Path
+    gpu: bool = False
+
+    def run(self, **inputs: str) -> tuple[ActionRun, str]:
+        """Run the environment step alone; return it and the torch version its Python imports."""
+        machine = self.tmp_path / "machine-bin"
+        machine.mkdir(exist_ok=True)
+        (machine / "python3").unlink(missing_ok=True)
+        (machine / "python3").symlink_to(self.python)
+        if self.gpu:  # what nvidia-smi -L prints on a GPU runner
+            smi = machine / "nvidia-smi"
+            smi.write_text(
+                "#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-000000000000)'\n"
+            )
+            smi.chmod(0o755)
+        pypi = _package_index(self.tmp_path / "pypi", "2.13.0")  # on Linux, PyPI's torch is the CUDA build
+        cpu = _package_index(self.tmp_path / "cpu-index", "2.13.0+cpu")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))}
+        env.update(
+            {
+                "PATH": os.pathsep.join([str(machine), "/usr/bin", "/bin"]),
+                "PIP_INDEX_URL": pypi,
+                "PIP_CONFIG_FILE": os.devnull,  # this machine's pip settings (mirrors, find-links) stay out
+            }
+        )
+        runner = ActionRunner(ROOT, self.tmp_path, env=env, timeout=240)
+        given = {"manifest": "m.yaml", "python-version": "", "torch-cpu-index": cpu, **inputs}
+        run = runner.run(given, only=("venv",))
+        step = run.step("venv")
+        assert step.outcome == "success", step.log
+        imported = subprocess.run(
+            [step.outputs["python"], "-c", "import torch; print(torch.__version__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return run, imported.stdout.strip()
+
+
+def _plain_python() -> Path:
+    """This interpreter's base installation: a Python that is not a virtual environment."""
+    return Path(getattr(sys, "_base_executable", sys.executable))
+
+
+def test_a_hosted_runner_gets_the_cpu_build_of_torch_in_a_new_venv(tmp_path: Path) -> None:
+    run, torch_version = Runner(tmp_path, _plain_python()).run()
+    step = run.step("venv")
+    assert torch_version == "2.13.0+cpu" and step.outputs["torch"] == "2.13.0+cpu"
+    venv = Path(step.outputs["python"]).parents[1]
+    assert venv.name == "hubsync-venv" and (venv / "pyvenv.cfg").is_file()
+    assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+    assert "pip install torch (CPU build, from file://" in step.log
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"), [("auto", "2.13.0"), ("cuda", "2.13.0"), ("cpu", "2.13.0+cpu")]
+)
+def test_a_gpu_runner_gets_the_cuda_build_unless_told_cpu(tmp_path: Path, device: str, expected: str) -> None:
+    _, torch_version = Runner(tmp_path, _plain_python(), gpu=True).run(device=device)
+    assert torch_version == expected
+
+
+def test_a_device_cuda_runner_without_a_gpu_still_gets_the_cuda_build(tmp_path: Path) -> None:
+    # the install step then fails at once ("torch sees no CUDA device"), before anything is built
+    _, torch_version = Runner(tmp_path, _plain_python()).run(device="cuda")
+    assert torch_version == "2.13.0"
+
+
+def _externally_managed_python() -> Path | None:
+    """A system Python that refuses pip installs outside a venv (PEP 668), if this machine has one."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if not Path(candidate).exists():
+            continue
+        probe = subprocess.run(
+            [
+                candidate,
+                "-c",
+                "import os, sys, sysconfig; ok = sys.version_info >= (3, 10) and sys.prefix == sys.base_prefix"
+                " and os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'));"
+                " sys.exit(not ok)",
+            ],
+            capture_output=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return Path(candidate)
+    return None
+
+
+def test_an_externally_managed_system_python_works_through_a_venv(tmp_path: Path) -> None:
+    system = _externally_managed_python()
+    if system is None:
+        pytest.skip("no externally managed (PEP 668) system Python 3.10+ on this machine")
+    refused = subprocess.run(
+        [str(system), "-m", "pip", "install", "--no-index", "--dry-run", "torch"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PIP_BREAK_SYSTEM_PACKAGES": "0"},
+    )
+    assert refused.returncode != 0 and "externally-managed-environment" in refused.stderr
+    run, torch_version = Runner(tmp_path, system).run()
+    assert torch_version == "2.13.0+cpu"
+    assert f"from {tmp_path / 'machine-bin' / 'python3'}" in run.step("venv").log

@@ -15,16 +15,16 @@ PACKAGE = Path(hubsync.__file__).parent
 # The pipeline, bottom to top: a module may import its own layer's modules and those below, never above.
 # (`testing` ships the emulator and fixtures; only the demo and tests use it.)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("hubsync", "errors", "fsio", "yaml_limits", "formats", "tuned"),
+    ("hubsync", "errors", "fsio", "progress", "yaml_limits", "formats", "tuned"),
     ("tensors",),
     ("record",),
     ("manifest",),
     ("safety",),
-    ("resolve",),
+    ("resolve", "remote"),
     ("names",),
     ("adapters",),
     ("finetune",),
-    ("compare",),
+    ("compare", "sample"),
     ("plan",),
     ("card",),
     ("write",),

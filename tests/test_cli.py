@@ -65,7 +65,7 @@ def test_validate_reports_all_problems_and_json(tmp_path: Path) -> None:
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 3
     result = run("validate", "--json", str(manifest))
     data = json.loads(result.stdout)
-    assert data["valid"] is False and [p["line"] for p in data["problems"]] == [1, 2, 3]
+    assert data["ok"] is False and [p["line"] for p in data["error"]["problems"]] == [1, 2, 3]
 
 
 def test_validate_good_manifest(tmp_path: Path) -> None:

@@ -323,17 +323,18 @@ def test_cli_build_then_bare_push_and_token_errors(
     assert built.returncode == 0, built.stderr
     missing = hubsync(["push"], hub, tmp_path, token=None)
     assert missing.returncode == 1
+    # the last line of stderr (a log line per finished stage, e.g. `hash: ...`, may come before it)
     assert (
-        missing.stderr.strip()
+        missing.stderr.strip().splitlines()[-1]
         == "error: no Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`"
     )
     wrong = hubsync(["push"], hub, tmp_path, token="hf_wrong")
     assert (
-        wrong.stderr.strip()
+        wrong.stderr.strip().splitlines()[-1]
         == "error: the Hugging Face token was refused (401): set HF_TOKEN to a valid write token"
     )
     other = hubsync(["push"], hub, tmp_path, token=OTHER_TOKEN)
-    assert other.stderr.strip().startswith(
+    assert other.stderr.strip().splitlines()[-1].startswith(
         f"error: you are logged in as other, who cannot write to {repo_id}"
     )
     for result in (missing, wrong, other):
@@ -391,6 +392,6 @@ def test_status_cli(
         timeout=300,
     )
     assert env_offline.returncode == 1
-    assert env_offline.stderr.strip() == (
+    assert env_offline.stderr.strip().splitlines()[-1] == (
         "error: HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE"
     )

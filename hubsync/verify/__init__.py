@@ -13,7 +13,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from hubsync import __version__
+from hubsync import __version__, progress
 from hubsync.errors import VerifyError
 from hubsync.record import BuildRecord, FileEntry, LocalRecord, load_local, save, save_local
 from hubsync.safety import check_replace
@@ -42,14 +42,15 @@ def run_checks(subject: Subject, *, run_models: bool = True) -> tuple[Report, di
     """Every check on `subject`; returns the report and the sha256 of every file it covered."""
     report = Report(folder=subject.folder)
     report.versions = {"hubsync": __version__, "python": platform.python_version()}
-    with report.timed("files"):
-        current = check_hashes(subject, report)
-        check_code_is_the_base(subject, report, current)
-        check_files(subject, report)
-    with report.timed("weights"):
-        check_weights(subject, report)
-    if run_models:
-        _run_models(subject, report)
+    with progress.stage("verify", unit="step"):  # each step shows under it (Report.timed)
+        with report.timed("files"):
+            current = check_hashes(subject, report)
+            check_code_is_the_base(subject, report, current)
+            check_files(subject, report)
+        with report.timed("weights"):
+            check_weights(subject, report)
+        if run_models:
+            _run_models(subject, report)
     return report, current
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hubsync import progress
 from hubsync.record import CheckResult, Verification
 
 log = logging.getLogger("hubsync")
@@ -58,7 +59,8 @@ class Report:
     def timed(self, step: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            with progress.stage(f"verify: {step}", unit="step"):
+                yield
         finally:
             self.timings[step] = self.timings.get(step, 0.0) + time.perf_counter() - start
 
