@@ -8,16 +8,21 @@ of the same shape, or the build stops with the list of offenders.
 In order: wrapper prefixes are stripped, the manifest's `finetune.rename` rules applied, transformers' rename
 table for the architecture tried both ways; what is still unmapped is a tied copy of the embedding, or is
 explained by prefix renames inferred from the two checkpoints' names and shapes (`infer_renames`), which the
-plan shows. Everything here is pure except `architecture_renames`, which reads transformers' own table.
+plan shows. Everything here is pure except `architecture_renames`, which reads transformers' own table (kept
+in hubsync's cache).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from hubsync.errors import HubsyncError
+from hubsync.fsio import cache_dir, replace_atomically
 from hubsync.manifest import RenameRule
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
@@ -59,16 +64,43 @@ class Renaming:
 
 
 def architecture_renames(config: dict[str, Any]) -> tuple[Renaming, ...]:
-    """transformers' own checkpoint key renames for the base's architecture (old names -> new names)."""
+    """transformers' own checkpoint key renames for the base's architecture (old names -> new names).
+
+    Reading the table means importing transformers' loading machinery (seconds: torch.distributed, sympy...),
+    for a table that only changes with transformers itself. So the rules are kept in hubsync's cache, per
+    transformers version and architecture, and a later build of the same architecture imports nothing."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return ()
+    architectures = [a for a in config.get("architectures", []) if isinstance(a, str)]
+    version = _transformers_version()
+    if version is None:
+        return ()
+    key = json.dumps([model_type, architectures])
+    cached = _cached_renames(version, key)
+    if cached is not None:
+        return cached
+    found = _renames_from_transformers(model_type, architectures)
+    if found is not None:
+        _cache_renames(version, key, found)
+    return found or ()
+
+
+def _transformers_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+def _renames_from_transformers(model_type: str, architectures: list[str]) -> tuple[Renaming, ...] | None:
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
     except ImportError:  # an older transformers without the table: only the manifest's rules apply
-        return ()
-    architectures = [a for a in config.get("architectures", []) if isinstance(a, str)]
+        return None
     # The head class loads its inner model too (LlavaForConditionalGeneration -> LlavaModel), whose
     # renames are registered under the inner class's name.
     inner = [re.sub(r"For[A-Za-z]+$", "Model", a) for a in architectures]
@@ -81,6 +113,31 @@ def architecture_renames(config: dict[str, Any]) -> tuple[Renaming, ...]:
                     if rule not in found:
                         found.append(rule)
     return tuple(found)
+
+
+def _renames_file(version: str) -> Path:
+    return cache_dir() / "renames" / f"transformers-{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}.json"
+
+
+def _cached_renames(version: str, key: str) -> tuple[Renaming, ...] | None:
+    try:
+        rules = json.loads(_renames_file(version).read_text(encoding="utf-8")).get(key)
+        return tuple(Renaming(str(p), str(r)) for p, r in rules) if isinstance(rules, list) else None
+    except (OSError, ValueError, TypeError, AttributeError):  # no cache yet, or a damaged one: read the table
+        return None
+
+
+def _cache_renames(version: str, key: str, rules: tuple[Renaming, ...]) -> None:
+    path = _renames_file(version)
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if not isinstance(known, dict):
+            known = {}
+        known[key] = [[r.pattern, r.replacement] for r in rules]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, json.dumps(known, indent=1, sort_keys=True).encode("utf-8"))
+    except (OSError, ValueError, HubsyncError):  # a cache that cannot be written costs time, nothing else
+        pass
 
 
 # The literal start of a rule's pattern: plain characters and escaped dots, up to the first group, class or
