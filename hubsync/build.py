@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,8 @@ from hubsync.compare import TensorDiff, iter_diffs
 from hubsync.errors import FinetuneError, VerifyError
 from hubsync.finetune import FinetuneInventory, is_weight_file, locate, read_finetune
 from hubsync.manifest import Manifest, load_manifest
-from hubsync.plan import Plan, make_plan, output_dtype_for
+from hubsync.plan import Plan, certain_copies, make_plan, output_dtype_for
+from hubsync.prefill import Place
 from hubsync.record import (
     BaseRef,
     BuildRecord,
@@ -36,6 +38,7 @@ from hubsync.safety import check_output, check_replace, failed_folder
 from hubsync.sample import sample_diffs, unchecked_diffs
 from hubsync.tuned import first_match
 from hubsync.write import (
+    HeadStart,
     OutputLock,
     WrittenFile,
     new_staging,
@@ -112,8 +115,15 @@ def check_local_inputs(manifest: Manifest) -> None:
 
 
 def prepare_manifest(
-    manifest: Manifest, manifest_path: Path, *, allow_untuned_changes: bool = False, weights: Weights = "all"
+    manifest: Manifest,
+    manifest_path: Path,
+    *,
+    allow_untuned_changes: bool = False,
+    weights: Weights = "all",
+    head: HeadStart | None = None,
 ) -> Prepared:
+    """`prepare` for a loaded manifest. With `head` (a build's staging folder), the comparison already writes
+    there: the tuned tensors it produces, and the base shards the plan will copy whatever it finds."""
     check_local_inputs(manifest)
     base = resolve_base(manifest.base, weights=weights)
     finetune = read_finetune(
@@ -124,7 +134,7 @@ def prepare_manifest(
         base_revision=base.sha,
     )
     diffs = (
-        _compare(manifest, base, finetune)
+        _compare(manifest, base, finetune, head)
         if base.remote is None
         else _diffs_from_headers(manifest, base, finetune)
     )
@@ -140,16 +150,45 @@ def prepare_manifest(
     return Prepared(manifest, manifest_path, base, finetune, diffs, plan)
 
 
-def _compare(manifest: Manifest, base: BaseInventory, finetune: FinetuneInventory) -> dict[str, TensorDiff]:
-    """compare.iter_diffs, with its progress shown (bytes of the fine-tune's tensors)."""
+def _compare(
+    manifest: Manifest, base: BaseInventory, finetune: FinetuneInventory, head: HeadStart | None
+) -> dict[str, TensorDiff]:
+    """compare.iter_diffs, with its progress shown (bytes of the fine-tune's tensors). With `head`, the shards
+    the plan will copy anyway are copied meanwhile, and the tuned tensors (only those are ever taken from the
+    fine-tune) are put in place for the write."""
     sizes = {ft: finetune.checkpoint.tensors[ft].nbytes for ft in finetune.base_names}
     log.debug("comparing %d fine-tune tensor(s) with the base", len(sizes))
+    tuned = manifest.finetune.tuned if manifest.finetune.tuned is not None else finetune.derived_tuned
+    pick = output_dtype_for(manifest)
+    kept = None
+    if head is not None and tuned is not None:
+        head.copy_early(base, certain_copies(base, pick, tuned))
+        kept = head.kept
+        kept.places.update(_places(base, pick, tuned, head.staging))
     diffs = {}
     with progress.stage("compare", sum(sizes.values())) as shown:
-        for diff in iter_diffs(base, finetune, output_dtype_for(manifest)):
+        for diff in iter_diffs(base, finetune, pick, keep=kept if kept is not None and kept.places else None):
             diffs[diff.name] = diff
             shown.advance(sizes[diff.source])
+    if kept is not None:
+        log.debug("compare put %d bytes of tuned tensors in place", kept.kept_bytes)
     return diffs
+
+
+def _places(
+    base: BaseInventory, pick: Callable[[str], str], tuned: tuple[str, ...], folder: Path
+) -> dict[str, Place]:
+    """Where each tuned tensor's bytes will be in the output, for the shards whose layout is the base's (no
+    tensor changes dtype): the same offset in the shard of the same name."""
+    places = {}
+    for path, header in base.checkpoint.headers.items():
+        if any(pick(t.dtype) != t.dtype for t in header.tensors.values()):
+            continue  # the shard gets a new header and new offsets: the writer lays it out
+        shard = base.rel(path)
+        for name, t in header.tensors.items():
+            if first_match(name, tuned) is not None:
+                places[name] = Place(folder / shard, t.absolute_range[0], t.nbytes, header.file_size)
+    return places
 
 
 def _diffs_from_headers(
@@ -228,15 +267,22 @@ def build(
     allow_untuned_changes: bool = False,
     record_last_build: bool = True,
 ) -> BuildResult:
-    """Write the output folder; with `verify`, verify it before it replaces the previous output."""
-    prep = prepare(manifest_path, allow_untuned_changes=allow_untuned_changes)  # checks output.dir first
-    prep.plan.raise_for_problems()
-    output = prep.manifest.output.dir
+    """Write the output folder; with `verify`, verify it before it replaces the previous output. Everything
+    from the comparison on happens under the output's lock, in a staging folder: compare already writes the
+    tuned tensors there."""
+    manifest = load_manifest(manifest_path)
+    check_output(manifest, manifest_path)  # before anything is downloaded or written
+    output = manifest.output.dir
     with OutputLock(output):
         remove_stale_staging(output)
         staging = new_staging(output)
         try:
-            result = _write_and_verify(prep, staging, verify=verify)
+            with HeadStart(staging, manifest.output.link) as head:
+                prep = prepare_manifest(
+                    manifest, manifest_path, allow_untuned_changes=allow_untuned_changes, head=head
+                )
+                prep.plan.raise_for_problems()
+                result = _write_and_verify(prep, staging, verify=verify, head=head)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -244,7 +290,9 @@ def build(
     return result
 
 
-def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildResult:
+def _write_and_verify(
+    prep: Prepared, staging: Path, *, verify: bool, head: HeadStart | None = None
+) -> BuildResult:
     output = prep.manifest.output.dir
     card = card_inputs(prep)
     with progress.stage("write", _planned_bytes(prep)) as shown:
@@ -256,7 +304,10 @@ def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildRe
             link=prep.manifest.output.link,
             card_text=render_card(card),
             on_file=lambda w: shown.advance(w.size),
+            head=head,
         )
+    if head is not None:
+        head.close()  # everything is written and on disk; its files are the output's now
     record = make_record(prep, written, card)
     save(staging, record)
     report = None

@@ -1,21 +1,31 @@
-"""Compare each fine-tune tensor with its base tensor, one pair at a time, and record the facts.
+"""Compare each fine-tune tensor with its base tensor, in one pass, and record the facts.
 
 This is the only step before writing that reads tensor data. Its output (`TensorDiff` per tensor) is an input
-of the pure planner, which decides from these facts alone. Memory: one base tensor, one fine-tune tensor and
-their casts at a time; tensors saved in the base's dtype are compared byte by byte without torch.
+of the pure planner, which decides from these facts alone. One pass over each pair classifies it, looks for
+NaN/Inf and measures the change, and, for the tensors the write will take from the fine-tune, produces their
+output bytes: they go straight into the staging shard (`Prefill`), so that the writer does not read and cast
+the fine-tune again (or compute a LoRA merge again). The arithmetic per chunk lives in `chunks` (bitwise
+equality first, casts into reused buffers); tensor pairs are compared by two threads where there are two
+cores. Memory: a few chunks per thread, plus the tensor a recipe (a LoRA merge) computes.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from hubsync import chunks
 from hubsync import tensors as T
 from hubsync.finetune import FinetuneInventory
+from hubsync.prefill import Prefill
 from hubsync.resolve import BaseInventory
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # same:      identical to the base (or the base seen in the saved dtype, bit for bit)
 # roundtrip: the base rounded through a floating dtype no wider than the saved one (a bf16 base trained in
@@ -23,6 +33,7 @@ from hubsync.resolve import BaseInventory
 # vanished:  changed in training, but identical to the base once cast to the output dtype
 # changed:   differs from the base in the output
 # unchecked: not compared (a plan made from the base's headers, without its bytes); `build` compares it
+# "Identical" means the same bits or the same values (-0.0 is 0.0; a NaN equals only itself, bit for bit).
 State = Literal["same", "roundtrip", "vanished", "changed", "unchecked"]
 ORDER: dict[str, int] = {"unchecked": -1, "same": 0, "roundtrip": 1, "vanished": 2, "changed": 3}
 
@@ -62,116 +73,189 @@ def roundings(saved: str, base: str) -> tuple[str, ...]:
     return (saved, *(d for d in others if _BYTES[d] <= _BYTES[saved]))
 
 
-@dataclass
-class _Scan:
-    """What one pass over a tensor pair's chunks found."""
+class Scan:
+    """compare's rules, applied to one tensor pair chunk by chunk (`feed`), then decided (`decide`). The
+    same object decides a sampled window of values (hubsync.sample). Chunks are numpy arrays (see
+    hubsync.chunks)."""
 
-    seen_all: bool = True  # every chunk equals the base as the saved dtype holds it
-    out_all: bool = True  # every chunk equals the base in the output dtype
-    viable: set[str] | None = None  # other roundings that explain every chunk the saved dtype did not
-    nonfinite: bool = False
-    max_abs: float = 0.0
-    diff_sq: float = 0.0
+    def __init__(self, saved: str, base: str, out: str) -> None:
+        self.saved, self.base, self.out = saved, base, out
+        self.others = roundings(saved, base)[1:]
+        # When the saved dtype holds every base value exactly and the output is the base's dtype, a chunk equal
+        # to the base-as-saved is equal in the output too: no cast or second compare is needed.
+        self.exact_back = out == base and saved in _WIDER.get(base, {base})
+        # The base cast for the first test is the base in fp32, exactly, when it is saved in fp32: the change
+        # is measured against it without a second cast.
+        self.reuse_seen = out == base and saved == "F32" and base in ("BF16", "F16", "F32")
+        self.seen_all = True  # every chunk equals the base as the saved dtype holds it
+        self.out_all = True  # every chunk equals the base in the output dtype
+        self.viable: set[str] | None = None  # other roundings that explain every chunk that is not seen-equal
+        self.seen_some = False  # some chunk was seen-equal, so `viable` was not tried on it
+        self.delta = chunks.Delta()
+        self.unmeasured: list[int] = []  # chunks whose base norm the relative change still needs
+        self._chunks = 0
 
+    def feed(self, b: np.ndarray, t: np.ndarray, *, keep: bool = False) -> np.ndarray | None:
+        """One chunk: `b` of the base, `t` as saved. With `keep`, return `t` as written to the output (valid
+        until the next chunk)."""
+        index, self._chunks = self._chunks, self._chunks + 1
+        seen = chunks.cast(b, self.base, self.saved, "seen")
+        seen_equal = chunks.equal(seen, t, self.saved)
+        self.seen_all &= seen_equal
+        self.seen_some |= seen_equal
+        if seen_equal and self.exact_back:
+            self.unmeasured.append(index)
+            return chunks.cast(t, self.saved, self.out, "out") if keep else None
+        if not seen_equal:
+            self._narrow(b, t)
+        o, bo = chunks.cast(t, self.saved, self.out, "out"), chunks.cast(b, self.base, self.out, "base-out")
+        out_equal = chunks.equal(o, bo, self.out)  # a chunk equal in the output holds no NaN the base lacks
+        self.out_all &= out_equal
+        if out_equal or seen_equal or not chunks.is_float(self.saved):
+            self.unmeasured.append(index)
+        else:
+            chunks.add_delta(self.delta, o, bo, self.out, base32=seen if self.reuse_seen else None)
+        return o if keep else None
 
-def _scan(base_info: T.TensorRef, ft_info: T.TensorRef, out_dtype: str) -> _Scan:
-    import torch
+    def _narrow(self, b: np.ndarray, t: np.ndarray) -> None:
+        """Keep the roundings that also explain this chunk (tried while any is left)."""
+        candidates = self.others if self.viable is None else tuple(d for d in self.others if d in self.viable)
+        self.viable = {d for d in candidates if chunks.rounds_to(b, t, self.base, self.saved, d)}
 
-    out = T.torch_dtype(out_dtype)
-    others = roundings(ft_info.dtype, base_info.dtype)[1:]
-    # When the saved dtype holds every base value exactly and the output is the base's dtype, a chunk equal
-    # to the base-as-saved is equal in the output too: no second cast or compare is needed.
-    exact_back = out_dtype == base_info.dtype and ft_info.dtype in _WIDER.get(
-        base_info.dtype, {base_info.dtype}
-    )
-    scan = _Scan()
-    # Chunk by chunk, so that memory stays at a few chunks even for a 500 MB embedding matrix.
-    for b, t in zip(T.iter_tensor_chunks(base_info), T.iter_tensor_chunks(ft_info)):
-        seen_equal = torch.equal(b.to(t.dtype), t)
-        if seen_equal and exact_back:
-            continue
-        if not seen_equal and (scan.viable is None or scan.viable):
-            found = {d for d in others if torch.equal(b.to(T.torch_dtype(d)).to(t.dtype), t)}
-            scan.viable = found if scan.viable is None else scan.viable & found
-        o, bo = t.to(out), b.to(out)
-        out_equal = torch.equal(o, bo)  # NaN is never equal, so an equal chunk holds none
-        scan.seen_all &= seen_equal
-        scan.out_all &= out_equal
-        if out_equal or seen_equal or not t.is_floating_point():
-            continue
-        if T.has_nan_or_inf(t):
-            scan.nonfinite = True
-            continue
-        d = o.float() - bo.float()
-        scan.max_abs = max(scan.max_abs, float(d.abs().max()))
-        scan.diff_sq += float(torch.linalg.vector_norm(d)) ** 2
-    return scan
+    def decide(self, recheck: Callable[[set[str]], str | None] | None = None) -> tuple[State, str | None]:
+        """(state, rounding). `recheck(viable)` finds the rounding that explains the whole tensor, for when
+        some chunks were seen-equal and the roundings were not tried on them."""
+        if self.seen_all:
+            return ("same", None) if self.out_all else ("roundtrip", self.saved)
+        rounding = None
+        if self.viable:
+            if not self.seen_some:
+                rounding = next(d for d in self.others if d in self.viable)
+            elif recheck is not None:
+                rounding = recheck(self.viable)
+        if rounding is not None:
+            return "roundtrip", rounding
+        return ("vanished", None) if self.out_all else ("changed", None)
 
 
 def _rounded_through(base_info: T.TensorRef, ft_info: T.TensorRef, viable: set[str]) -> str | None:
-    """The first rounding that explains the whole tensor (a second pass, only when the first found one that
-    explains the chunks the saved dtype did not)."""
-    import torch
-
+    """The first rounding that explains the whole tensor (a second pass, only when some chunks equal the base
+    as saved and the others are explained by a rounding: it must explain those too)."""
     for dtype in (d for d in roundings(ft_info.dtype, base_info.dtype) if d in viable):
-        rounded = T.torch_dtype(dtype)
-        chunks = zip(T.iter_tensor_chunks(base_info), T.iter_tensor_chunks(ft_info))
-        if all(torch.equal(b.to(rounded).to(t.dtype), t) for b, t in chunks):
+        pairs = zip(_chunks_of(base_info, "base"), _chunks_of(ft_info, "finetune"))
+        if all(chunks.rounds_to(b, t, base_info.dtype, ft_info.dtype, dtype) for b, t in pairs):
             return dtype
     return None
 
 
-def _compare_one(
-    name: str, source: str, base_info: T.TensorRef, ft_info: T.TensorRef, out_dtype: str
+def _chunks_of(info: T.TensorRef, reuse: str) -> Iterator[np.ndarray]:
+    return T.iter_chunks(info, reuse=reuse)
+
+
+def compare_tensor(
+    name: str,
+    source: str,
+    base_info: T.TensorRef,
+    ft_info: T.TensorRef,
+    out_dtype: str,
+    *,
+    keep: Prefill | None = None,
 ) -> TensorDiff:
-    numel = base_info.numel
-    if (
-        ft_info.dtype == base_info.dtype == out_dtype
-        and isinstance(ft_info, T.TensorInfo)
-        and isinstance(base_info, T.TensorInfo)
-        and T.tensor_bytes_equal(base_info, ft_info)
-    ):
-        return TensorDiff(name, source, "same", ft_info.dtype, out_dtype, numel)
-    meta = (ft_info.dtype, out_dtype, numel)
-    scan = _scan(base_info, ft_info, out_dtype)
-    if scan.seen_all:
-        if scan.out_all:
-            return TensorDiff(name, source, "same", *meta)
-        return TensorDiff(name, source, "roundtrip", *meta, rounding=ft_info.dtype)
-    rounding = _rounded_through(base_info, ft_info, scan.viable) if scan.viable else None
-    if rounding is not None:
-        return TensorDiff(name, source, "roundtrip", *meta, rounding=rounding)
-    if scan.out_all:
-        return TensorDiff(name, source, "vanished", *meta)
-    if scan.nonfinite or not torch_is_float(ft_info.dtype):
-        return TensorDiff(name, source, "changed", *meta, scan.nonfinite, math.nan, math.nan)
-    # ||base|| only for tensors that changed (the tuned ones): a second, cheap pass over the base alone.
-    import torch
-
-    base_sq = sum(float(torch.linalg.vector_norm(b.float())) ** 2 for b in T.iter_tensor_chunks(base_info))
-    diff = math.sqrt(scan.diff_sq)
-    rel = diff / math.sqrt(base_sq) if base_sq > 0 else (0.0 if scan.diff_sq == 0 else math.inf)
-    return TensorDiff(name, source, "changed", *meta, False, scan.max_abs, rel)
+    """One fine-tune tensor against its base tensor, in one pass. With `keep`, the tensor's output bytes (the
+    fine-tune's values cast to `out_dtype`) are written there as they are produced, and kept when it changed
+    (the writer takes exactly those)."""
+    scan = Scan(ft_info.dtype, base_info.dtype, out_dtype)
+    nbytes = T.dtype_nbytes(out_dtype, base_info.shape)
+    entry = keep.reserve(name, source, out_dtype, nbytes) if keep is not None else None
+    for b, t in zip(_chunks_of(base_info, "base"), _chunks_of(ft_info, "finetune")):
+        out = scan.feed(b, t, keep=entry is not None)
+        if entry is not None and out is not None:
+            entry.write(chunks.raw(out))
+    diff = _diff(name, source, base_info, ft_info, scan)
+    if entry is not None and diff.state == "changed" and not diff.nonfinite:
+        entry.keep()
+    return diff
 
 
-def torch_is_float(st_dtype: str) -> bool:
-    return st_dtype.startswith(("F", "BF"))
+def _diff(name: str, source: str, base_info: T.TensorRef, ft_info: T.TensorRef, scan: Scan) -> TensorDiff:
+    meta = (ft_info.dtype, scan.out, base_info.numel)
+    state, rounding = scan.decide(lambda viable: _rounded_through(base_info, ft_info, viable))
+    if state != "changed":
+        return TensorDiff(name, source, state, *meta, rounding=rounding)
+    delta = scan.delta
+    if delta.nonfinite or not chunks.is_float(ft_info.dtype):
+        return TensorDiff(name, source, "changed", *meta, delta.nonfinite, math.nan, math.nan)
+    # ||base|| of the chunks that equal the base (a tensor changed in places): they were not measured
+    base_sq = delta.base_sq + _base_norm_sq(base_info, set(scan.unmeasured))
+    diff = math.sqrt(delta.diff_sq)
+    rel = diff / math.sqrt(base_sq) if base_sq > 0 else (0.0 if delta.diff_sq == 0 else math.inf)
+    return TensorDiff(name, source, "changed", *meta, False, delta.max_abs, rel)
+
+
+def _base_norm_sq(base_info: T.TensorRef, indexes: set[int]) -> float:
+    if not indexes:
+        return 0.0
+    pieces = enumerate(_chunks_of(base_info, "base"))
+    return sum(chunks.norm_sq(b, base_info.dtype) for i, b in pieces if i in indexes)
 
 
 def iter_diffs(
-    base: BaseInventory, finetune: FinetuneInventory, output_dtype: Callable[[str], str]
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    output_dtype: Callable[[str], str],
+    *,
+    keep: Prefill | None = None,
+    wanted: Callable[[str], bool] | None = None,
+    workers: int | None = None,
 ) -> Iterator[TensorDiff]:
-    """Yield one TensorDiff per mapped fine-tune tensor, in base order (so shards are read sequentially). A
-    tied copy (the output head saved beside the embedding it shares) is compared too, and the more changed of
-    the two speaks for the base tensor: an untied head that moved is not hidden behind a frozen embedding."""
+    """Yield one TensorDiff per mapped fine-tune tensor, in base order. A tied copy (the output head saved
+    beside the embedding it shares) is compared too, and the more changed of the two speaks for the base
+    tensor: an untied head that moved is not hidden behind a frozen embedding.
+
+    With `keep`, the output bytes of the tensors whose base names `wanted` accepts (the tuned ones: only those
+    are ever taken from the fine-tune) are written where the write wants them. `workers` threads compare
+    pairs side by side (default: up to 2)."""
     by_base = {base_name: ft_name for ft_name, base_name in finetune.base_names.items()}
     copies = {base_name: ft_name for ft_name, base_name in finetune.tied.items()}
-    for name, base_info in base.checkpoint.tensors.items():
-        sources = [s for s in (by_base.get(name), copies.get(name)) if s is not None]
+    tensors = finetune.checkpoint.tensors
+
+    def one(name: str) -> TensorDiff | None:
+        base_info = base.checkpoint.tensors[name]
         out = output_dtype(base_info.dtype)
-        diffs = [_compare_one(name, s, base_info, finetune.checkpoint.tensors[s], out) for s in sources]
-        if diffs:
-            yield max(diffs, key=lambda d: ORDER[d.state])
+        keep_here = keep if keep is not None and (wanted is None or wanted(name)) else None
+        diffs = [
+            compare_tensor(name, s, base_info, tensors[s], out, keep=keep_here)
+            for s in (by_base.get(name), copies.get(name))
+            if s is not None
+        ]
+        return max(diffs, key=lambda d: ORDER[d.state]) if diffs else None
+
+    names = [n for n in base.checkpoint.tensors if n in by_base or n in copies]
+    yield from (d for d in _in_order(one, names, workers or min(2, os.cpu_count() or 1)) if d is not None)
+
+
+def _in_order(
+    fn: Callable[[str], TensorDiff | None], names: Iterable[str], workers: int
+) -> Iterator[TensorDiff | None]:
+    """fn over names, `workers` at a time, results in order. A bounded window of pairs in flight keeps
+    memory at a few tensors per worker."""
+    if workers <= 1:
+        yield from map(fn, names)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="hubsync-compare")
+    window: deque[Any] = deque()
+    try:
+        with chunks.one_torch_thread():
+            for name in names:
+                window.append(pool.submit(fn, name))
+                if len(window) > 2 * workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def compare(

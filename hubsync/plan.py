@@ -339,6 +339,23 @@ def make_plan(
     )
 
 
+def certain_copies(
+    base: BaseInventory, pick_dtype: Callable[[str], str], tuned: tuple[str, ...] | None
+) -> list[str]:
+    """The base shards that `make_plan` copies as they are, whatever the comparison finds: only tensors under
+    `tuned` are ever taken from the fine-tune, so a shard with none of them, and none that changes dtype, is
+    copied (a build may start copying it while it compares). None when nothing is declared."""
+    if tuned is None:
+        return []
+    weight_map = base.weight_map
+    rewritten = {
+        weight_map[name]
+        for name, info in base.checkpoint.tensors.items()
+        if pick_dtype(info.dtype) != info.dtype or _under(name, tuned) is not None
+    }
+    return [shard for shard in base.shard_names if shard not in rewritten]
+
+
 def unchecked_rules(diffs: dict[str, TensorDiff]) -> tuple[str, ...]:
     """What a plan made without the base's bytes could not check (hubsync.sample); `build` checks all of it."""
     rules = []

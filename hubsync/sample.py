@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from hubsync import chunks
 from hubsync import tensors as T
-from hubsync.compare import TensorDiff
+from hubsync.compare import Scan, TensorDiff
 from hubsync.finetune import FinetuneInventory
 from hubsync.resolve import BaseInventory
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
     from hubsync.remote import RemoteFiles
 
@@ -111,39 +112,33 @@ def _end(w: _Window) -> int:
     return w.offset + w.count * w.itemsize
 
 
-def _finetune_values(ft: T.TensorRef, w: _Window) -> torch.Tensor:
-    import torch
+def _finetune_values(ft: T.TensorRef, w: _Window) -> np.ndarray:
+    """The fine-tune's values at the window's elements (a numpy chunk, see hubsync.chunks)."""
+    import numpy as np
 
     if isinstance(ft, T.TensorInfo):  # the same elements, read from the fine-tune's own file
         size = ft.nbytes // ft.numel
         with open(ft.file, "rb") as f:
             f.seek(ft.absolute_range[0] + w.first * size)
             data = bytearray(f.read(w.count * size))
-        return torch.frombuffer(data, dtype=T.torch_dtype(ft.dtype))
-    return T.load_tensor(ft).reshape(-1)[w.first : w.first + w.count]
+        return np.frombuffer(data, dtype=chunks.storage(ft.dtype))
+    return chunks.from_torch(T.load_tensor(ft))[w.first : w.first + w.count]
 
 
 def _classify(w: _Window, raw: bytes, ft: T.TensorRef, info: T.TensorRef, out_dtype: str) -> TensorDiff:
-    """compare's states, decided on the sample (see compare.py for what each state means)."""
-    import torch
+    """compare's states, decided by compare's own rules (`Scan`) on the sample: a difference is certain, an
+    equality is not, and the relative change of a sample says nothing of the tensor's."""
+    import numpy as np
 
-    b = torch.frombuffer(bytearray(raw), dtype=T.torch_dtype(info.dtype))
-    t = _finetune_values(ft, w)
-    out = T.torch_dtype(out_dtype)
-    seen_equal = torch.equal(b.to(t.dtype), t)
-    o, bo = t.to(out), b.to(out)
-    diff = TensorDiff(w.name, w.source, "same", ft.dtype, out_dtype, info.numel, sampled=True)
-    if torch.equal(o, bo):
-        return diff if seen_equal else _replace(diff, state="vanished")
-    if seen_equal:
-        return _replace(diff, state="roundtrip")
-    if t.is_floating_point() and T.has_nan_or_inf(t):
-        return _replace(diff, state="changed", nonfinite=True, max_abs=math.nan, rel=math.nan)
-    max_abs = float((o.double() - bo.double()).abs().max()) if t.is_floating_point() else math.nan
-    return _replace(diff, state="changed", max_abs=max_abs, rel=math.nan)
-
-
-def _replace(diff: TensorDiff, **changes: object) -> TensorDiff:
-    from dataclasses import replace
-
-    return replace(diff, **changes)  # type: ignore[arg-type]
+    b = np.frombuffer(bytearray(raw), dtype=chunks.storage(info.dtype))
+    scan = Scan(ft.dtype, info.dtype, out_dtype)
+    scan.feed(b, _finetune_values(ft, w))
+    state, rounding = scan.decide()
+    diff = TensorDiff(
+        w.name, w.source, state, ft.dtype, out_dtype, info.numel, rounding=rounding, sampled=True
+    )
+    if state != "changed":
+        return diff
+    nonfinite = scan.delta.nonfinite
+    max_abs = scan.delta.max_abs if chunks.is_float(ft.dtype) and not nonfinite else math.nan
+    return replace(diff, nonfinite=nonfinite, max_abs=max_abs, rel=math.nan)

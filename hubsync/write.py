@@ -8,6 +8,7 @@ beside the output makes a second concurrent build into the same folder refuse at
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -24,6 +25,7 @@ from hubsync import tensors as T
 from hubsync.errors import BuildError
 from hubsync.finetune import FinetuneInventory
 from hubsync.plan import FilePlan, Plan
+from hubsync.prefill import Prefill
 from hubsync.resolve import BaseInventory
 
 log = logging.getLogger("hubsync")
@@ -141,26 +143,42 @@ def swap_into_place(staging: Path, output: Path) -> None:
 
 
 def _rewrite_shard(
-    dest: Path, shard: str, plan: Plan, base: BaseInventory, finetune: FinetuneInventory
+    dest: Path,
+    shard: str,
+    plan: Plan,
+    base: BaseInventory,
+    finetune: FinetuneInventory,
+    kept: Prefill | None,
+    syncer: T.Syncer,
 ) -> str:
-    import torch  # noqa: F401  (tensors casts need it loaded; imported here to keep the CLI light)
-
     header = base.checkpoint.headers[base.folder / shard]
     by_name = {t.name: t for t in plan.tensors if t.shard == shard}
     entries = []
     for name, info in header.tensors.items():
         tp = by_name[name]
-        source: T.TensorSource
         if tp.source == "finetune":
             assert tp.finetune_name is not None
-            ft_info = finetune.checkpoint.tensors[tp.finetune_name]
-            source = _cast_loader(ft_info, tp.dtype)
+            source = _finetune_source(tp.finetune_name, finetune, tp.dtype, kept)
         elif tp.dtype != info.dtype:
             source = _cast_loader(info, tp.dtype)
         else:
             source = info
         entries.append(T.ShardEntry(name, tp.dtype, tuple(info.shape), source))
-    return T.write_shard(dest, entries, header.metadata, template=header)
+    return T.write_shard(dest, entries, header.metadata, template=header, syncer=syncer)
+
+
+def _finetune_source(
+    name: str, finetune: FinetuneInventory, dtype: str, kept: Prefill | None
+) -> T.TensorSource:
+    """A tuned tensor's bytes in the output dtype: where compare put them (see hubsync.prefill), as stored
+    when the fine-tune saved them in that dtype, or cast again."""
+    ft_info = finetune.checkpoint.tensors[name]
+    held = kept.held(name, dtype) if kept is not None else None
+    if held is not None:
+        return held
+    if isinstance(ft_info, T.TensorInfo) and ft_info.dtype == dtype:
+        return ft_info
+    return _cast_loader(ft_info, dtype)
 
 
 def _cast_loader(info: T.TensorRef, dtype: str) -> Callable[[], Any]:
@@ -168,6 +186,53 @@ def _cast_loader(info: T.TensorRef, dtype: str) -> Callable[[], Any]:
         return T.load_tensor(info).to(T.torch_dtype(dtype)).contiguous()
 
     return load
+
+
+class HeadStart:
+    """What a build writes into its staging folder before its plan exists, so that the disk is busy while the
+    CPU compares: the tuned tensors compare produces (`kept`, see hubsync.prefill), and the base shards the
+    plan will copy whatever compare finds (`copy_early`: no tuned tensor, no dtype change; see
+    `plan.certain_copies`), copied in a second thread. Every file is made durable by one `syncer` in a third.
+    `write_files` takes what is here and writes the rest; a build that stops before it removes the staging
+    folder, and this with it."""
+
+    def __init__(self, staging: Path, link: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.staging, self.link = staging, link
+        self.kept = Prefill(staging)
+        self.syncer = T.Syncer()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hubsync-copy")
+        self._copies: dict[str, Any] = {}
+
+    def __enter__(self) -> HeadStart:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def copy_early(self, base: BaseInventory, shards: list[str]) -> None:
+        for shard in shards:
+            self._copies[shard] = self._pool.submit(self._copy_one, base, shard)
+
+    def _copy_one(self, base: BaseInventory, shard: str) -> WrittenFile:
+        dest = self.staging / shard
+        fsio.make_dir(dest.parent, parents=True, exist_ok=True)
+        sha = copy_one(base.folder / shard, dest, link=self.link, weight=True, syncer=self.syncer)
+        return WrittenFile(shard, sha, dest.stat().st_size, "base")
+
+    def copied(self, item: FilePlan) -> WrittenFile | None:
+        """The file as copied early, when the plan copies it from the base (waits for the copy)."""
+        future = self._copies.get(item.path)
+        if future is None or (item.action, item.source) != ("copy", "base"):
+            return None
+        return future.result()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Wait for the copies and the fsyncs (nothing runs on in the background), then close the files."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.syncer.close()
+        self.kept.close()
 
 
 def write_files(
@@ -179,46 +244,75 @@ def write_files(
     link: str,
     card_text: str,
     on_file: Callable[[WrittenFile], None] | None = None,
+    head: HeadStart | None = None,
 ) -> list[WrittenFile]:
     """Write every planned file except hubsync.json into `staging`; return what was written. `on_file` is
-    called after each file (progress)."""
+    called after each file (progress); `head` holds what the build wrote before the plan. Each file is
+    fsynced in a second thread while the next one is written; all are on disk when this returns."""
     written: list[WrittenFile] = []
-    for item in plan.files:
-        if item.action == "provenance":
-            continue
-        dest = staging / item.path
-        fsio.make_dir(dest.parent, parents=True, exist_ok=True)
-        sha = _write_one(item, dest, plan, base, finetune, link=link, card_text=card_text)
-        written.append(WrittenFile(item.path, sha, dest.stat().st_size, item.source))
-        if on_file is not None:
-            on_file(written[-1])
-        log.debug("wrote %s (%s, %s)", item.path, item.source, item.action)
+    with contextlib.ExitStack() as stack:
+        syncer = head.syncer if head is not None else stack.enter_context(T.Syncer())
+        shards = frozenset(t.shard for t in plan.tensors)
+        out = _Output(plan, base, finetune, link, card_text, head.kept if head else None, syncer, shards)
+        for item in plan.files:
+            if item.action == "provenance":
+                continue
+            done = head.copied(item) if head is not None else None
+            written.append(done or out.write(item, staging / item.path))
+            if on_file is not None:
+                on_file(written[-1])
+            log.debug("wrote %s (%s, %s)", item.path, item.source, item.action)
+        syncer.wait()
     return written
 
 
-def _write_one(
-    item: FilePlan,
-    dest: Path,
-    plan: Plan,
-    base: BaseInventory,
-    finetune: FinetuneInventory,
-    *,
-    link: str,
-    card_text: str,
-) -> str:
-    if item.action == "copy":
-        src = (base.folder if item.source == "base" else finetune.folder) / item.path
-        is_weight = item.path in {t.shard for t in plan.tensors}
-        T.copy_file(src, dest, mode="hardlink" if (link == "hardlink" and is_weight) else "copy")
-        return fsio.cached_sha256(src) or T.sha256_file(dest)
-    if item.action == "rewrite-shard":
-        return _rewrite_shard(dest, item.path, plan, base, finetune)
-    if item.action in ("write-json", "write-index"):
-        assert item.content is not None
-        return fsio.write_bytes(dest, fsio.json_bytes(item.content))
-    if item.action == "card":
-        return fsio.write_bytes(dest, card_text.encode("utf-8"))
-    raise AssertionError(f"unknown action {item.action}")  # the planner only emits the actions above
+@dataclass(frozen=True)
+class _Output:
+    """What writing one planned file needs."""
+
+    plan: Plan
+    base: BaseInventory
+    finetune: FinetuneInventory
+    link: str
+    card_text: str
+    kept: Prefill | None
+    syncer: T.Syncer
+    shards: frozenset[str]
+
+    def write(self, item: FilePlan, dest: Path) -> WrittenFile:
+        fsio.make_dir(dest.parent, parents=True, exist_ok=True)
+        sha = self._write(item, dest)
+        return WrittenFile(item.path, sha, dest.stat().st_size, item.source)
+
+    def _write(self, item: FilePlan, dest: Path) -> str:
+        """Write one file; return its sha256."""
+        if item.action == "copy":
+            src = (self.base.folder if item.source == "base" else self.finetune.folder) / item.path
+            return copy_one(src, dest, link=self.link, weight=item.path in self.shards, syncer=self.syncer)
+        if item.action == "rewrite-shard":
+            return _rewrite_shard(
+                dest, item.path, self.plan, self.base, self.finetune, self.kept, self.syncer
+            )
+        if item.action in ("write-json", "write-index"):
+            assert item.content is not None
+            return T.write_new(dest, fsio.json_bytes(item.content), syncer=self.syncer)
+        if item.action == "card":
+            return T.write_new(dest, self.card_text.encode("utf-8"), syncer=self.syncer)
+        raise AssertionError(f"unknown action {item.action}")  # the planner only emits the actions above
+
+
+def copy_one(src: Path, dest: Path, *, link: str, weight: bool, syncer: T.Syncer) -> str:
+    """Copy one file into the output; return its sha256. A kernel copy (or a hard link, for weights with
+    `link: hardlink`) when the source's sha256 is known (the Hugging Face cache names its blobs by it); else a
+    copy that hashes what passes, so the copy is never read again to hash it."""
+    known = fsio.cached_sha256(src)
+    if link == "hardlink" and weight:
+        T.copy_file(src, dest, mode="hardlink", syncer=syncer)
+        return known or T.sha256_file(dest)
+    if known is not None:
+        T.copy_file(src, dest, syncer=syncer)
+        return known
+    return T.copy_hashed(src, dest, syncer=syncer)
 
 
 def new_staging(output: Path) -> Path:

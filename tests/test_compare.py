@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from hubsync import tensors as T
-from hubsync.compare import TensorDiff, _compare_one, rounding_notes, roundings
+from hubsync.compare import TensorDiff, compare_tensor, rounding_notes, roundings
 
-# One tensor of more than one compare chunk (chunks are 2**22 elements): the rule must hold for all of them.
-TWO_CHUNKS = (1 << 22) + 1024
+# One tensor of more than one compare chunk: the rule must hold for all of them.
+CHUNK = T.CHUNK_ELEMENTS
+TWO_CHUNKS = CHUNK + 1024
 
 
 def _ref(path: Path, tensor: torch.Tensor) -> T.TensorRef:
@@ -24,7 +25,7 @@ def _ref(path: Path, tensor: torch.Tensor) -> T.TensorRef:
 def _compare(tmp_path: Path, base: torch.Tensor, saved: torch.Tensor, out: str | None = None) -> TensorDiff:
     base_ref = _ref(tmp_path / "base.safetensors", base)
     saved_ref = _ref(tmp_path / "ft.safetensors", saved)
-    return _compare_one("w", "w", base_ref, saved_ref, out or base_ref.dtype)
+    return compare_tensor("w", "w", base_ref, saved_ref, out or base_ref.dtype)
 
 
 def _weights(n: int = 4096, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -86,12 +87,12 @@ def test_one_rounding_must_explain_the_whole_tensor(tmp_path: Path) -> None:
     """Chunk 1 saved exactly, chunk 2 rounded through bf16: no single rounding explains both, so it changed.
     Rounded through bf16 everywhere, it is unchanged, even though chunk 1 alone looks exact."""
     base = _weights(TWO_CHUNKS)
-    exact_then_rounded = torch.cat([base[: 1 << 22].float(), base[1 << 22 :].to(torch.bfloat16).float()])
+    exact_then_rounded = torch.cat([base[:CHUNK].float(), base[CHUNK:].to(torch.bfloat16).float()])
     mixed = _compare(tmp_path, base, exact_then_rounded)
     assert mixed.state in ("changed", "vanished") and mixed.rounding is None
 
     # chunk 1 holds values that bf16 represents exactly, so it passes as an exact copy; chunk 2 does not
-    representable = torch.cat([torch.full((1 << 22,), 0.5), base[1 << 22 :].float()]).half()
+    representable = torch.cat([torch.full((CHUNK,), 0.5), base[CHUNK:].float()]).half()
     uniform = _compare(tmp_path, representable, representable.to(torch.bfloat16).float())
     assert (uniform.state, uniform.rounding) == ("roundtrip", "BF16")
 
