@@ -213,7 +213,8 @@ def cast(a: np.ndarray, src: str, dst: str, role: str, buffers: Scratch | None =
     elif (src, dst) == ("F32", "BF16"):
         round_to_bf16(a, out, buffers)
     elif {src, dst} <= {"F32", "F64"} or ({src, dst} <= {"F16", "F32", "F64"} and a.size <= SMALL):
-        np.copyto(out, a, casting="unsafe")
+        with np.errstate(all="ignore"):  # overflow to Inf is the cast's answer, not a warning to print
+            np.copyto(out, a, casting="unsafe")
     elif "BF16" in (src, dst) and {src, dst} <= set(FLOATS):  # through fp32, as torch goes from and to bf16
         return cast(cast(a, src, "F32", role + "-f32", buffers), "F32", dst, role, buffers)
     else:  # fp16, fp8, integers and floats: torch's own cast (numpy's fp16 is five times slower)
@@ -237,7 +238,7 @@ def round_to_bf16(a: np.ndarray, out: np.ndarray, buffers: Scratch) -> None:
         np.right_shift(t, 16, out=out[start : start + BLOCK], casting="unsafe")
     # A NaN whose payload is in the low bits would round to Inf or to zero: only NaNs can do that, and only
     # a non-finite sum finds them, so the cost is one reduction.
-    if not math.isfinite(float(np.dot(a, a))):
+    if not math.isfinite(_sum_sq(a)):
         nan = np.isnan(a)
         if nan.any():
             out[nan] = np.where(np.signbit(a[nan]), 0xFFFF, 0x7FC0)
@@ -322,8 +323,9 @@ def add_delta(
     base32 = for_sums(base, dtype, "delta-base") if base32 is None else base32
     out32 = for_sums(out, dtype, "delta")
     diff = buffers.get("delta-diff", out32.dtype, out32.size)
-    np.subtract(out32, base32, out=diff)
-    diff_sq, base_sq = float(np.dot(diff, diff)), float(np.dot(base32, base32))
+    with np.errstate(all="ignore"):
+        np.subtract(out32, base32, out=diff)
+    diff_sq, base_sq = _sum_sq(diff), _sum_sq(base32)
     # Not finite: a NaN or an Inf in the output (a value too large for its dtype), else a change too large
     # to square in fp32 or a base that is not finite.
     if not (math.isfinite(diff_sq) and math.isfinite(base_sq)) and has_nonfinite(out, dtype):
@@ -335,12 +337,19 @@ def add_delta(
     delta.base_sq += base_sq
 
 
+def _sum_sq(a: np.ndarray) -> float:
+    """Σ a² (a BLAS dot: one read of the chunk); Inf or NaN when a value is, or when the sum overflows."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        return float(np.dot(a, a))
+
+
 def norm_sq(a: np.ndarray, dtype: str) -> float:
     """Σ a² of a chunk, in fp32 (fp64 for fp64)."""
     import numpy as np
 
-    values = for_sums(a, dtype, "norm")
-    return float(np.dot(values, values))
+    return _sum_sq(for_sums(a, dtype, "norm"))
 
 
 def has_nonfinite(a: np.ndarray, dtype: str) -> bool:
@@ -351,7 +360,7 @@ def has_nonfinite(a: np.ndarray, dtype: str) -> bool:
     if not is_float(dtype) or a.size == 0:
         return False
     values = for_sums(a, dtype, "finite")
-    if math.isfinite(float(np.dot(values, values))):
+    if math.isfinite(_sum_sq(values)):
         return False
     return not bool(np.isfinite(values).all())
 

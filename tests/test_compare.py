@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from hubsync import tensors as T
-from hubsync.compare import TensorDiff, compare_tensor, rounding_notes, roundings
+from hubsync.compare import Scan, TensorDiff, compare_tensor, rounding_notes, roundings
 
 # One tensor of more than one compare chunk: the rule must hold for all of them.
 CHUNK = T.CHUNK_ELEMENTS
@@ -119,3 +119,22 @@ def test_rounding_notes_name_the_rounding_and_the_parts() -> None:
             "(language_model. 2, model.visual. 1)"
         ),
     ]
+
+
+def test_a_nan_that_rounding_by_bits_would_turn_into_zero_is_reported(tmp_path: Path) -> None:
+    base = _weights(dtype=torch.bfloat16)
+    saved = base.float() + 0.01
+    saved.view(torch.int32)[7] = -1  # 0xFFFFFFFF: a NaN that becomes -0.0 if rounded by arithmetic alone
+    diff = _compare(tmp_path, base, saved)
+    assert (diff.state, diff.nonfinite) == ("changed", True)
+
+
+def test_a_sample_is_decided_by_compares_own_rules() -> None:
+    """hubsync.sample decides a window of values with the same Scan: roundings included."""
+    base = _weights(2000).numpy()
+    scan = Scan("F32", "F16", "F16")
+    scan.feed(base, torch.from_numpy(base).to(torch.bfloat16).float().numpy())
+    assert scan.decide() == ("roundtrip", "BF16")
+    moved = Scan("F32", "F16", "F16")
+    moved.feed(base, base.astype("float32") + 0.01)
+    assert moved.decide() == ("changed", None) and moved.delta.max_abs == pytest.approx(0.01, rel=0.1)

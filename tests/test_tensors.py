@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from hubsync import tensors as T
 from hubsync.errors import BuildError, FinetuneError
+from hubsync.prefill import Place, Prefill
 
 # A safetensors file and the tensors written into it.
 Shard = tuple[Path, dict[str, "torch.Tensor"]]
@@ -617,3 +618,79 @@ def test_hardlinking_a_file_onto_itself_leaves_nothing_behind(tmp_path: Path) ->
     assert T.copy_file(path, path, mode="hardlink") == "hardlink"
     assert path.read_bytes() == b"weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------------ prefilled
+
+
+def _prefilled(tmp_path: Path, shard: Shard, name: str, tuned: torch.Tensor) -> tuple[Prefill, Path]:
+    """A staging shard into which `name`'s new bytes were written at its offset, as compare does."""
+    path, _ = shard
+    info = T.read_safetensors_header(path).tensors[name]
+    staged = tmp_path / "staging" / path.name
+    staged.parent.mkdir()
+    place = Place(staged, info.absolute_range[0], info.nbytes, path.stat().st_size)
+    kept = Prefill(staged.parent, {name: place})
+    entry = kept.reserve(name, f"ft.{name}", info.dtype, info.nbytes)
+    assert entry is not None and kept.reserve(name, "another source", info.dtype, info.nbytes) is None
+    data = _bits(tuned)
+    entry.write(data[:10])  # in pieces, as compare writes chunk by chunk
+    entry.write(data[10:])
+    entry.keep()
+    return kept, staged
+
+
+def test_a_shard_finished_in_place_equals_one_written_anew(tmp_path: Path, shard: Shard) -> None:
+    path, tensors = shard
+    header = T.read_safetensors_header(path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tuned = tensors[name] * 3
+    kept, staged = _prefilled(tmp_path, shard, name, tuned)
+    held = kept.held(f"ft.{name}", header.tensors[name].dtype)
+    assert held is not None and T.read_safetensors_header(path).tensors[name].absolute_range[0] == held.offset
+    inode = staged.stat().st_ino
+
+    in_place = [
+        T.ShardEntry(e.name, e.dtype, e.shape, held if e.name == name else e.source)
+        for e in _entries_from(header)
+    ]
+    anew = [
+        T.ShardEntry(e.name, e.dtype, e.shape, (lambda: tuned) if e.name == name else e.source)
+        for e in _entries_from(header)
+    ]
+    digest = T.write_shard(staged, in_place, header.metadata, template=header)
+    reference = tmp_path / "reference.safetensors"
+    assert T.write_shard(reference, anew, header.metadata, template=header) == digest == T.sha256_file(staged)
+    assert staged.read_bytes() == reference.read_bytes()
+    assert staged.stat().st_ino == inode, "finished in place: the bytes compare wrote were not written again"
+    kept.close()
+
+
+def test_held_bytes_in_another_layout_are_copied_into_a_new_file(tmp_path: Path, shard: Shard) -> None:
+    path, tensors = shard
+    header = T.read_safetensors_header(path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tuned = tensors[name] * 3
+    kept, staged = _prefilled(tmp_path, shard, name, tuned)
+    held = kept.held(f"ft.{name}", "F16")
+    assert held is not None
+    # one more tensor in the shard: new offsets, so the held bytes must be copied, not taken where they lie
+    entries = [T.ShardEntry("extra", "F32", (3,), lambda: torch.ones(3))] + [
+        T.ShardEntry(e.name, e.dtype, e.shape, held if e.name == name else e.source)
+        for e in _entries_from(header)
+    ]
+    T.write_shard(staged, entries, header.metadata, template=header)
+    with safe_open(str(staged), framework="pt") as f:
+        assert _bitwise_equal(f.get_tensor(name), tuned)
+        assert _bitwise_equal(f.get_tensor("lm_head.weight"), tensors["lm_head.weight"])
+    kept.close()
+
+
+def test_copy_hashed_and_write_new_hash_what_they_write(tmp_path: Path, shard: Shard) -> None:
+    path, _ = shard
+    with T.Syncer() as syncer:
+        sha = T.copy_hashed(path, tmp_path / "copy.safetensors", syncer=syncer)
+        small = T.write_new(tmp_path / "config.json", b'{"a": 1}\n', syncer=syncer)
+        syncer.wait()
+    assert (tmp_path / "copy.safetensors").read_bytes() == path.read_bytes()
+    assert sha == T.sha256_file(path) and small == hashlib.sha256(b'{"a": 1}\n').hexdigest()
