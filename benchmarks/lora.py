@@ -219,6 +219,16 @@ def timed(argv: list[str], cwd: Path) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
+def warm(files: list[Path]) -> None:
+    """Read the inputs once, so that both routes start from the page cache."""
+    buffer = bytearray(16 << 20)
+    for path in files:
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
 def same_tensors(a: Path, b: Path) -> tuple[int, list[str]]:
     """(tensors compared, names that differ), one tensor at a time."""
     import torch
@@ -249,6 +259,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hubsync-lora-bench"))
     parser.add_argument("--regenerate", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per route, interleaved; medians reported")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -278,10 +289,23 @@ def main() -> None:
         "verify:\n  device: cpu\n"
     )
     peft_out = workdir / "out-peft"
-    shutil.rmtree(peft_out, ignore_errors=True)
     hubsync = [sys.executable, "-m", "hubsync", "-q", "build", "--no-verify", str(manifest)]
     peft = [sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(peft_out)]
-    results = {"hubsync build": timed(hubsync, workdir), "PEFT merge_and_unload": timed(peft, workdir)}
+    routes = {"hubsync build": (hubsync, workdir / "out-hubsync"), "PEFT merge_and_unload": (peft, peft_out)}
+    samples: dict[str, list[tuple[float, int, float]]] = {name: [] for name in routes}
+    inputs = [*base.iterdir(), *adapter.iterdir()]
+    for _ in range(args.repeat):  # interleaved, so that a burst of other work on the machine hits both
+        for name, (argv, out) in routes.items():
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            warm(inputs)
+            load = os.getloadavg()[0]
+            wall, rss = timed(argv, workdir)
+            samples[name].append((wall, rss, load))
+            print(f"{name}: {wall:.2f} s, {rss / 1e6:.0f} MB, load {load:.1f}", file=sys.stderr)
+    results = {
+        name: (sorted(s[0] for s in got)[len(got) // 2], max(s[1] for s in got)) for name, got in samples.items()
+    }
     compared, differ = same_tensors(workdir / "out-hubsync", peft_out)
 
     print(
@@ -289,9 +313,11 @@ def main() -> None:
         f"adapter rank {args.rank} on {len(PROJECTIONS)} projections x every layer "
         f"({adapter_bytes / 1e6:.0f} MB fp32); {os.cpu_count()} CPUs, {platform.platform()}"
     )
-    print(f"{'route':<24} {'wall s':>8} {'peak RSS MB':>12}")
+    print(f"{'route':<24} {'median s':>9} {'samples s':>22} {'peak RSS MB':>12} {'load':>5}")
     for route, (wall, rss) in results.items():
-        print(f"{route:<24} {wall:>8.1f} {rss / 1e6:>12.0f}")
+        got = samples[route]
+        shown = " ".join(f"{s[0]:.1f}" for s in got)
+        print(f"{route:<24} {wall:>9.2f} {shown:>22} {rss / 1e6:>12.0f} {max(s[2] for s in got):>5.1f}")
     (h_wall, h_rss), (p_wall, p_rss) = results.values()
     print(f"hubsync / PEFT: time {h_wall / p_wall:.2f}x, peak RSS {h_rss / p_rss:.2f}x")
     print(

@@ -362,14 +362,16 @@ def _delta(
     that the result is PEFT's to the bit."""
     import torch
 
+    # The scaling is applied in place: the same multiplication, value for value, without a second tensor of
+    # the weight's size (a merge allocates its weight's size three times, not four).
     if kind == "embedding":
-        return (b @ a).T * scaling
+        return (b @ a).mul_(scaling).T
     if kind == "conv2d":
         if a.shape[2:4] == (1, 1):
-            return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
-        return torch.nn.functional.conv2d(a.transpose(0, 1), b).transpose(0, 1) * scaling
-    product = b @ a
-    return (product.T if fan_in_fan_out else product) * scaling
+            return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).mul_(scaling).unsqueeze(2).unsqueeze(3)
+        return torch.nn.functional.conv2d(a.transpose(0, 1), b).mul_(scaling).transpose(0, 1)
+    product = (b @ a).mul_(scaling)
+    return product.T if fan_in_fan_out else product
 
 
 def _merge(

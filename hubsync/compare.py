@@ -214,7 +214,7 @@ def iter_diffs(
 
     With `keep`, the output bytes of the tensors whose base names `wanted` accepts (the tuned ones: only those
     are ever taken from the fine-tune) are written where the write wants them. `workers` threads compare
-    pairs side by side (default: up to 2)."""
+    pairs side by side (default: see `_workers`)."""
     by_base = {base_name: ft_name for ft_name, base_name in finetune.base_names.items()}
     copies = {base_name: ft_name for ft_name, base_name in finetune.tied.items()}
     tensors = finetune.checkpoint.tensors
@@ -231,7 +231,16 @@ def iter_diffs(
         return max(diffs, key=lambda d: ORDER[d.state]) if diffs else None
 
     names = [n for n in base.checkpoint.tensors if n in by_base or n in copies]
-    yield from (d for d in _in_order(one, names, workers or min(2, os.cpu_count() or 1)) if d is not None)
+    yield from (d for d in _in_order(one, names, workers or _workers(tensors.values())) if d is not None)
+
+
+def _workers(finetune: Iterable[T.TensorRef]) -> int:
+    """Two threads where there are two cores and a pair costs a few chunks of memory. A tensor that exists
+    whole in memory (a LoRA merge, a `.bin` shard's tensor) costs its size per thread: those are compared one
+    at a time, and torch's own threads work the merge's matrix product instead."""
+    if not all(isinstance(t, T.TensorInfo) for t in finetune):
+        return 1
+    return min(2, os.cpu_count() or 1)
 
 
 def _in_order(
