@@ -802,6 +802,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip-handmade", action="store_true", help="do not run the (slow, RAM-hungry) hand-made route"
     )
     parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also time each build with the hubsync package of another checkout (e.g. `git worktree add "
+        "DIR COMMIT`), by PYTHONPATH, in the same rounds",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the results as JSON on stdout (the report goes to stderr)"
     )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -860,6 +866,7 @@ class Route:
     cmd: list[str]
     inputs: list[Path]  # files to warm or evict before each sample
     clear: Path | None  # removed before each sample
+    env: dict[str, str] | None = None  # extra environment (PYTHONPATH of a baseline checkout)
 
 
 def make_routes(
@@ -914,6 +921,19 @@ def make_routes(
                 work / item.out_hubsync,
             )
         )
+        if args.baseline:
+            baseline = Path(args.baseline).resolve()
+            routes.append(
+                Route(
+                    "build-baseline",
+                    key,
+                    f"[{key}] hubsync build at {baseline.name}",
+                    build_cmd,
+                    base_inputs + ft_inputs,
+                    work / item.out_hubsync,
+                    env={"PYTHONPATH": str(baseline)},
+                )
+            )
         if args.again and key == "full":
             routes.append(
                 Route(
@@ -965,7 +985,7 @@ def measure_routes(
                 load = os.getloadavg()[0]
                 slug = re.sub(r"[^a-z0-9]+", "-", route.name.lower()).strip("-")[:48]
                 log_file = logs / f"{state}-{slug}-{i + 1}.log"
-                secs, rss, rc = run_measured(route.cmd, env, log_file)
+                secs, rss, rc = run_measured(route.cmd, {**env, **(route.env or {})}, log_file)
                 if rc != 0:
                     sys.stderr.write(log_file.read_text()[-6000:])
                     raise SystemExit(f"measured command failed: {route.name} (exit {rc}); log: {log_file}")
@@ -1110,11 +1130,25 @@ def input_ratios(by: dict[tuple[str, str, str], Measure], state: str, key: str) 
         "build_vs_copy_time": ratio(build.seconds, copy.seconds),
         "build_rss_mb": build.peak_rss_mb,
     }
+    # The same ratio round by round (the routes of a round ran back to back, under about the same load).
+    rounds = zip(build.samples_s, read.samples_s, copy_sync.samples_s)
+    values["build_vs_floor_median_of_rounds"] = median([ratio(b, r + c) for b, r, c in rounds])
     hand = by.get((state, key, "handmade"))
     if hand is not None:
         values["handmade_vs_build_time"] = ratio(hand.seconds, build.seconds)
+        values["handmade_vs_build_median_of_rounds"] = median(
+            [ratio(h, b) for h, b in zip(hand.samples_s, build.samples_s)]
+        )
         values["build_vs_handmade_rss"] = ratio(build.peak_rss_mb, hand.peak_rss_mb)
+    baseline = by.get((state, key, "build-baseline"))
+    if baseline is not None:
+        values["baseline_vs_build_time"] = ratio(baseline.seconds, build.seconds)
     return values
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
 
 
 def summarize(
