@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,13 +143,14 @@ def prepare_manifest(
 
 def _compare(manifest: Manifest, base: BaseInventory, finetune: FinetuneInventory) -> dict[str, TensorDiff]:
     """compare.iter_diffs, with its progress shown (bytes of the fine-tune's tensors)."""
-    sizes = {ft: finetune.checkpoint.tensors[ft].nbytes for ft in finetune.base_names}
+    compared = [*finetune.base_names, *finetune.tied]  # a tied copy is compared too (with its tensor)
+    sizes = {ft: finetune.checkpoint.tensors[ft].nbytes for ft in compared}
     log.debug("comparing %d fine-tune tensor(s) with the base", len(sizes))
     diffs = {}
     with progress.stage("compare", sum(sizes.values())) as shown:
         for diff in iter_diffs(base, finetune, output_dtype_for(manifest)):
             diffs[diff.name] = diff
-            shown.advance(sizes[diff.source])
+            shown.advance(sizes.get(diff.source, 0))
     return diffs
 
 
@@ -227,8 +229,10 @@ def build(
     verify: bool = False,
     allow_untuned_changes: bool = False,
     record_last_build: bool = True,
+    runtime: Mapping[str, Any] | None = None,
 ) -> BuildResult:
-    """Write the output folder; with `verify`, verify it before it replaces the previous output."""
+    """Write the output folder; with `verify`, verify it before it replaces the previous output. `runtime`
+    ({"python": path} or {"requirements": [...]}) overrides the manifest's verification runtime."""
     prep = prepare(manifest_path, allow_untuned_changes=allow_untuned_changes)  # checks output.dir first
     prep.plan.raise_for_problems()
     output = prep.manifest.output.dir
@@ -236,7 +240,7 @@ def build(
         remove_stale_staging(output)
         staging = new_staging(output)
         try:
-            result = _write_and_verify(prep, staging, verify=verify)
+            result = _write_and_verify(prep, staging, verify=verify, runtime=runtime)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -244,7 +248,9 @@ def build(
     return result
 
 
-def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildResult:
+def _write_and_verify(
+    prep: Prepared, staging: Path, *, verify: bool, runtime: Mapping[str, Any] | None = None
+) -> BuildResult:
     output = prep.manifest.output.dir
     card = card_inputs(prep)
     with progress.stage("write", _planned_bytes(prep)) as shown:
@@ -261,7 +267,7 @@ def _write_and_verify(prep: Prepared, staging: Path, *, verify: bool) -> BuildRe
     save(staging, record)
     report = None
     if verify:
-        record, report = _verify_staging(prep, staging, record)
+        record, report = _verify_staging(prep, staging, record, runtime)
         if not report.passed:
             failed = _keep_failed(staging, output)
             return BuildResult(output, prep.plan, tuple(written), record, report, failed_output=failed)
@@ -280,7 +286,9 @@ def _planned_bytes(prep: Prepared) -> int:
     return total
 
 
-def _verify_staging(prep: Prepared, staging: Path, record: BuildRecord) -> tuple[BuildRecord, Report]:
+def _verify_staging(
+    prep: Prepared, staging: Path, record: BuildRecord, runtime: Mapping[str, Any] | None
+) -> tuple[BuildRecord, Report]:
     from hubsync.verify import record_verification, run_checks, subject_for_build
 
     subject = subject_for_build(
@@ -290,6 +298,7 @@ def _verify_staging(prep: Prepared, staging: Path, record: BuildRecord) -> tuple
         prep.manifest_path,
         base_folder=prep.base.folder,
         finetune_folder=prep.finetune.folder,
+        runtime=runtime,
     )
     report, current = run_checks(subject)
     report.folder = prep.manifest.output.dir
@@ -338,7 +347,7 @@ def failed_verification(result: BuildResult) -> VerifyError:
     from hubsync.verify import summary_line
 
     assert result.report is not None
-    kept = f"; the unverified build is in {result.failed_output}" if result.failed_output else ""
+    kept = f"; the failed build is in {result.failed_output}" if result.failed_output else ""
     first = result.report.failures[0] if result.report.failures else None
     if first is not None and first.figures.get("blame") == "base":
         # the runtime cannot run the base either: the fix is the runtime, not the fine-tune

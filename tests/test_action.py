@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from hubsync import __version__, ci
+from hubsync.record import load as load_record
 from hubsync.testing.hub import DEFAULT_TOKEN, LocalHub
 from hubsync.testing.models import PublishedModel
 from tests.action_runner import ActionRun, ActionRunner, evaluate, expand, parse_command, read_file_command
@@ -182,6 +183,8 @@ def test_action_metadata_matches_the_schema(metadata: dict[str, Any]) -> None:
         "python-version",
         "hubsync-version",
         "device",
+        "verify-python",
+        "verify-requirements",
         "extra-args",
     }
     assert set(metadata["outputs"]) >= {
@@ -705,6 +708,19 @@ def test_good_manifest_publishes_and_sets_every_output(
     assert "| tuned prefix | changed |" in summary and "`vpm.`" in summary and "`resampler.`" in summary
     assert f"[{head[:12]}]({out['commit-url']})" in summary
     assert f"[{repo}]({out['repo-url']})" in summary and "Uploaded " in summary and "in the build" in summary
+
+
+def test_verify_python_runs_the_model_in_the_named_interpreter(
+    workflow: Workflow, published_remote_base: PublishedModel, remote_trainer_output: Path, repo_name: str
+) -> None:
+    repo = f"{HUB_NAMESPACE}/{repo_name}"
+    manifest = workflow.manifest("runtime", _manifest(published_remote_base, remote_trainer_output, repo))
+    run = workflow.run(manifest, push="false", **{"verify-python": sys.executable})
+    assert run.ok, run.log
+    record = load_record(Path(run.outputs["output-dir"]))
+    assert record.verification is not None and record.verification.passed
+    assert dict(record.verification.runtime) == {"kind": "python", "requirements": []}
+    _no_upload(workflow.hub, repo)
 
 
 def test_broken_manifest_fails_with_an_annotation_at_the_line(
