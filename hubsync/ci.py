@@ -297,12 +297,10 @@ def after_push(result: PushResult) -> None:
     if not active():
         return
     append_summary(f"## hubsync push\n\n{push_markdown(result)}")
-    commit_url = result.commit_url
-    if not commit_url and result.commit_sha and result.repo_url:
-        commit_url = f"{result.repo_url}/commit/{result.commit_sha}"
+    # the same values as `hubsync push --json`: PushResult is the one source of both
     set_outputs(
         {
-            "commit-url": commit_url or "",
+            "commit-url": result.commit_url or "",
             "commit-sha": result.commit_sha or "",
             "repo-url": result.repo_url or "",
             "revision": result.revision,
