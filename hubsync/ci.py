@@ -219,6 +219,7 @@ def push_markdown(result: PushResult) -> str:
         lines.append(f"- tag: `{result.tag}`")
     if result.created_repo:
         lines.append("- the repo was created by this push")
+    lines += [f"- note: {_cell(note)}" for note in getattr(result, "notes", ())]
     if not result.up_to_date:
         share = f" ({result.bytes_uploaded / result.bytes_in_build:.0%})" if result.bytes_in_build else ""
         lines += [

@@ -358,6 +358,7 @@ class _FakePush:
     unchanged: list[str] = field(default_factory=list)
     tag: str | None = "v1"
     created_repo: bool = False
+    notes: list[str] = field(default_factory=lambda: ["the Hub would not copy 1 shard(s) | uploaded instead"])
 
 
 def test_ci_push_summary_links_and_bytes() -> None:
@@ -366,6 +367,7 @@ def test_ci_push_summary_links_and_bytes() -> None:
     assert "[my-org/model](https://hub/my-org/model)" in text
     assert "Uploaded 2.5 kB of the 10.0 kB in the build (25%)" in text
     assert "| copied server-side from the base | 1 | 7.5 kB |" in text and "tag: `v1`" in text
+    assert "- note: the Hub would not copy 1 shard(s) \\| uploaded instead" in text
     assert "already up to date" in ci.push_markdown(_FakePush(up_to_date=True, commit_url=None))  # type: ignore[arg-type]
 
 
