@@ -201,7 +201,7 @@ def test_a_dropped_commit_leaves_an_existing_repo_as_it_was(
     no_backoff: None,
 ) -> None:
     first = trainer_output_factory("remote")
-    manifest, out, repo_id = make_build(tmp_path, published_remote_base, first)
+    manifest, _, repo_id = make_build(tmp_path, published_remote_base, first)
     push(manifest)
     before = hub.list_files(repo_id)
     rebuild(manifest, "finetune", "path", str(changed_copy(first, tmp_path / "second-run")))
@@ -227,7 +227,7 @@ def test_moved_branch_is_a_conflict(
     from hubsync.push import remote
 
     first = trainer_output_factory("remote")
-    manifest, out, repo_id = make_build(tmp_path, published_remote_base, first)
+    manifest, _, repo_id = make_build(tmp_path, published_remote_base, first)
     push(manifest)
     rebuild(manifest, "finetune", "path", str(changed_copy(first, tmp_path / "second-run")))
     real = remote.list_files
