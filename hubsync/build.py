@@ -195,7 +195,15 @@ def card_inputs(prep: Prepared) -> CardInputs:
             f in prep.base.files for f in ("preprocessor_config.json", "processor_config.json")
         ),
         remote_code=any(f.endswith(".py") for f in prep.base.files),
+        hub_url=_hub_url(),
     )
+
+
+def _hub_url() -> str:
+    """The Hub the card links to: the endpoint huggingface_hub uses (HF_ENDPOINT, read once at its import)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT).rstrip("/")
 
 
 def make_record(prep: Prepared, written: list[WrittenFile], card: CardInputs) -> BuildRecord:
