@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,7 +156,8 @@ def _compare(
     """compare.iter_diffs, with its progress shown (bytes of the fine-tune's tensors). With `head`, the shards
     the plan will copy anyway are copied meanwhile, and the tuned tensors (only those are ever taken from the
     fine-tune) are put in place for the write."""
-    sizes = {ft: finetune.checkpoint.tensors[ft].nbytes for ft in finetune.base_names}
+    compared = [*finetune.base_names, *finetune.tied]  # a tied copy is compared too (with its tensor)
+    sizes = {ft: finetune.checkpoint.tensors[ft].nbytes for ft in compared}
     log.debug("comparing %d fine-tune tensor(s) with the base", len(sizes))
     tuned = manifest.finetune.tuned if manifest.finetune.tuned is not None else finetune.derived_tuned
     pick = output_dtype_for(manifest)
@@ -169,7 +170,7 @@ def _compare(
     with progress.stage("compare", sum(sizes.values())) as shown:
         for diff in iter_diffs(base, finetune, pick, keep=kept if kept is not None and kept.places else None):
             diffs[diff.name] = diff
-            shown.advance(sizes[diff.source])
+            shown.advance(sizes.get(diff.source, 0))
     if kept is not None:
         log.debug("compare put %d bytes of tuned tensors in place", kept.kept_bytes)
     return diffs
@@ -232,7 +233,15 @@ def card_inputs(prep: Prepared) -> CardInputs:
             f in prep.base.files for f in ("preprocessor_config.json", "processor_config.json")
         ),
         remote_code=any(f.endswith(".py") for f in prep.base.files),
+        hub_url=_hub_url(),
     )
+
+
+def _hub_url() -> str:
+    """The Hub the card links to: the endpoint huggingface_hub uses (HF_ENDPOINT, read once at its import)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT).rstrip("/")
 
 
 def make_record(prep: Prepared, written: list[WrittenFile], card: CardInputs) -> BuildRecord:
@@ -266,10 +275,12 @@ def build(
     verify: bool = False,
     allow_untuned_changes: bool = False,
     record_last_build: bool = True,
+    runtime: Mapping[str, Any] | None = None,
 ) -> BuildResult:
     """Write the output folder; with `verify`, verify it before it replaces the previous output. Everything
     from the comparison on happens under the output's lock, in a staging folder: compare already writes the
-    tuned tensors there."""
+    tuned tensors there. `runtime`
+    ({"python": path} or {"requirements": [...]}) overrides the manifest's verification runtime."""
     manifest = load_manifest(manifest_path)
     check_output(manifest, manifest_path)  # before anything is downloaded or written
     output = manifest.output.dir
@@ -282,7 +293,7 @@ def build(
                     manifest, manifest_path, allow_untuned_changes=allow_untuned_changes, head=head
                 )
                 prep.plan.raise_for_problems()
-                result = _write_and_verify(prep, staging, verify=verify, head=head)
+                result = _write_and_verify(prep, staging, verify=verify, head=head, runtime=runtime)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -291,7 +302,12 @@ def build(
 
 
 def _write_and_verify(
-    prep: Prepared, staging: Path, *, verify: bool, head: HeadStart | None = None
+    prep: Prepared,
+    staging: Path,
+    *,
+    verify: bool,
+    head: HeadStart | None = None,
+    runtime: Mapping[str, Any] | None = None,
 ) -> BuildResult:
     output = prep.manifest.output.dir
     card = card_inputs(prep)
@@ -312,7 +328,7 @@ def _write_and_verify(
     save(staging, record)
     report = None
     if verify:
-        record, report = _verify_staging(prep, staging, record)
+        record, report = _verify_staging(prep, staging, record, runtime)
         if not report.passed:
             failed = _keep_failed(staging, output)
             return BuildResult(output, prep.plan, tuple(written), record, report, failed_output=failed)
@@ -331,7 +347,9 @@ def _planned_bytes(prep: Prepared) -> int:
     return total
 
 
-def _verify_staging(prep: Prepared, staging: Path, record: BuildRecord) -> tuple[BuildRecord, Report]:
+def _verify_staging(
+    prep: Prepared, staging: Path, record: BuildRecord, runtime: Mapping[str, Any] | None
+) -> tuple[BuildRecord, Report]:
     from hubsync.verify import record_verification, run_checks, subject_for_build
 
     subject = subject_for_build(
@@ -341,6 +359,7 @@ def _verify_staging(prep: Prepared, staging: Path, record: BuildRecord) -> tuple
         prep.manifest_path,
         base_folder=prep.base.folder,
         finetune_folder=prep.finetune.folder,
+        runtime=runtime,
     )
     report, current = run_checks(subject)
     report.folder = prep.manifest.output.dir
@@ -389,7 +408,7 @@ def failed_verification(result: BuildResult) -> VerifyError:
     from hubsync.verify import summary_line
 
     assert result.report is not None
-    kept = f"; the unverified build is in {result.failed_output}" if result.failed_output else ""
+    kept = f"; the failed build is in {result.failed_output}" if result.failed_output else ""
     first = result.report.failures[0] if result.report.failures else None
     if first is not None and first.figures.get("blame") == "base":
         # the runtime cannot run the base either: the fix is the runtime, not the fine-tune

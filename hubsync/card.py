@@ -39,6 +39,7 @@ class CardInputs:
     verification: dict[str, Any] | None = None
     skip_verify_check: bool = False
     extra_tags: tuple[str, ...] = field(default=("hubsync",))
+    hub_url: str = "https://huggingface.co"  # the Hub the base lives on (HF_ENDPOINT at build time): card links
 
     @classmethod
     def from_record(cls, data: Mapping[str, Any], **changes: Any) -> CardInputs:
@@ -138,10 +139,17 @@ def verification_section(inputs: CardInputs) -> str:
     lines.append(f"Verification **{status}** on `{device}`" + (f" ({versions})." if versions else "."))
     lines += ["", "| check | result | details |", "|---|---|---|"]
     for check in record.get("checks", []):
-        mark = "pass" if check.get("ok") else "FAIL"
-        detail = str(check.get("detail", "")).replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {check.get('name')} | {mark} | {detail} |")
+        lines.append(_check_row(check))
     return "\n".join(lines)
+
+
+def _check_row(check: Mapping[str, Any]) -> str:
+    """One row of the verification table. A check that did not run (ok is None) says why, never FAIL."""
+    detail = " ".join(str(check.get("detail", "")).split()).replace("|", "\\|")
+    ok = check.get("ok")
+    if ok is None:
+        return f"| {check.get('name')} | skipped ({detail or 'not applicable'}) | |"
+    return f"| {check.get('name')} | {'pass' if ok else 'FAIL'} | {detail} |"
 
 
 def render_card(inputs: CardInputs) -> str:
@@ -170,7 +178,7 @@ def render_card(inputs: CardInputs) -> str:
             + "\n"
         )
     if inputs.base_repo and inputs.base_sha:
-        url = f"https://huggingface.co/{inputs.base_repo}"
+        url = f"{inputs.hub_url.rstrip('/')}/{inputs.base_repo}"
         base_line = (
             f"[{inputs.base_repo}]({url}) at commit [`{inputs.base_sha[:12]}`]({url}/tree/{inputs.base_sha})"
         )

@@ -219,6 +219,7 @@ def push_markdown(result: PushResult) -> str:
         lines.append(f"- tag: `{result.tag}`")
     if result.created_repo:
         lines.append("- the repo was created by this push")
+    lines += [f"- note: {_cell(note)}" for note in getattr(result, "notes", ())]
     if not result.up_to_date:
         share = f" ({result.bytes_uploaded / result.bytes_in_build:.0%})" if result.bytes_in_build else ""
         lines += [
@@ -297,12 +298,10 @@ def after_push(result: PushResult) -> None:
     if not active():
         return
     append_summary(f"## hubsync push\n\n{push_markdown(result)}")
-    commit_url = result.commit_url
-    if not commit_url and result.commit_sha and result.repo_url:
-        commit_url = f"{result.repo_url}/commit/{result.commit_sha}"
+    # the same values as `hubsync push --json`: PushResult is the one source of both
     set_outputs(
         {
-            "commit-url": commit_url or "",
+            "commit-url": result.commit_url or "",
             "commit-sha": result.commit_sha or "",
             "repo-url": result.repo_url or "",
             "revision": result.revision,

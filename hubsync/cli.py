@@ -206,7 +206,28 @@ def plan(manifest: Path, as_json: bool, allow_untuned_changes: bool) -> None:
     is_flag=True,
     help="Accept changes outside `finetune.tuned` (taken from the base).",
 )
-def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes: bool) -> None:
+@click.option(
+    "--verify-python",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Verify with this interpreter instead of the manifest's verify.python / verify.requirements "
+    "(e.g. the training env's python on a GPU runner).",
+)
+@click.option(
+    "--verify-requirement",
+    "verify_requirements",
+    multiple=True,
+    metavar="REQ",
+    help="Verify in a venv with these pip requirements instead of the manifest's (repeat the option).",
+)
+def build(
+    manifest: Path,
+    as_json: bool,
+    no_verify: bool,
+    allow_untuned_changes: bool,
+    verify_python: Path | None,
+    verify_requirements: tuple[str, ...],
+) -> None:
     """Build a complete, loadable repo folder from the pinned base plus the tuned tensors, and verify it.
 
     The new folder replaces the previous output only when it verified (or with --no-verify).
@@ -216,8 +237,19 @@ def build(manifest: Path, as_json: bool, no_verify: bool, allow_untuned_changes:
     from hubsync.plan import render
     from hubsync.verify import render_report
 
+    if verify_python is not None and verify_requirements:
+        raise click.UsageError("give --verify-python or --verify-requirement, not both")
+    runtime = (
+        {"python": str(verify_python.absolute())}
+        if verify_python is not None
+        else {"requirements": list(verify_requirements)}
+        if verify_requirements
+        else None
+    )
     with ci.group("hubsync build: resolve, plan, write, verify"):
-        result = run_build(manifest, verify=not no_verify, allow_untuned_changes=allow_untuned_changes)
+        result = run_build(
+            manifest, verify=not no_verify, allow_untuned_changes=allow_untuned_changes, runtime=runtime
+        )
     report = result.report
     ci.after_build(manifest, result, report)
     _result(

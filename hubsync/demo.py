@@ -74,9 +74,9 @@ def run_demo(
     workdir = _prepare_workdir(workdir)
     from hubsync.testing.hub import LocalHub
 
-    # xet=True for now: push plans server-side copies of the base shards, which need a xetHash; drop it once push
-    # falls back to uploads for LFS-only files (issue 13, point 1).
-    hub = LocalHub(workdir / "hub", xet=True).start()
+    # LFS-only files, as the Hub serves repos uploaded before the Xet migration: the push uploads the base's
+    # shards instead of copying them server-side, and says so
+    hub = LocalHub(workdir / "hub").start()
     try:
         # huggingface_hub reads these once, at import: set them before anything imports it.
         os.environ.update(hub.client_env(workdir / "hf-home"))
@@ -173,6 +173,8 @@ def _push(manifest: Path) -> str:
         f"{len(pushed.copied)} shard(s) copied server-side from the base ({pushed.bytes_copied:,} bytes) "
         f"of {pushed.bytes_in_build:,} bytes"
     )
+    for note in pushed.notes:
+        click.echo(f"    note: {note}")
     again = push(manifest)
     click.echo(
         f"    pushing again: {'already up to date' if again.up_to_date else 'pushed again (unexpected)'}"

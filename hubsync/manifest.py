@@ -304,9 +304,19 @@ class PushSpec(_Section):
     private: bool = Field(
         True, description="Create the repo private (an existing repo keeps its visibility)."
     )
-    revision: str = Field("main", description="Branch to commit to.")
+    revision: str = Field("main", description="Branch to commit to (created from `branch_from` if missing).")
+    branch_from: str = Field(
+        "main",
+        description="Where `revision` starts when the push creates that branch: a branch, tag or commit of the "
+        "target repo. The push is compared with it, deletions included.",
+    )
     create_pr: bool = Field(False, description="Open a pull request instead of committing to the branch.")
-    tag: str | None = Field(None, description="Tag to create on the new commit.")
+    tag: str | None = Field(
+        None, description="Tag to put on the pushed commit; a tag already on another commit stops the push."
+    )
+    tag_move: bool = Field(
+        False, description="Move `tag` to the pushed commit when it is already on another commit."
+    )
 
     @field_validator("repo")
     @classmethod

@@ -32,9 +32,9 @@ if "huggingface_hub" in sys.modules:
     )
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="hubsync-tests-"))
-# xet=True for now: push plans server-side copies of base shards, which need a xetHash. Once push falls back
-# to uploads (issue 13, point 1), the push tests must run against both kinds, the LFS-only default included.
-_HUB = LocalHub(_SESSION_DIR / "hub", xet=True).start()
+# LFS-only files (no xetHash), as the real Hub serves repos uploaded before the Xet migration; tests that need
+# Xet-backed files ask for the `hub_kind` fixture
+_HUB = LocalHub(_SESSION_DIR / "hub").start()
 os.environ.update(_HUB.client_env(_SESSION_DIR / "hf_home", token=DEFAULT_TOKEN))
 
 
@@ -58,6 +58,17 @@ def unique_repo_name(prefix: str = "repo") -> str:
 def hub() -> LocalHub:
     """The session's LocalHub; HF_ENDPOINT points at it."""
     return _HUB
+
+
+@pytest.fixture(params=["lfs", "xet"])
+def hub_kind(request: pytest.FixtureRequest, hub: LocalHub) -> Iterator[str]:
+    """Run the test twice: against plain LFS files (no xetHash: server-side copies are impossible) and against
+    Xet-backed files (copies work). The session Hub is switched for the test and back to LFS-only after it."""
+    hub.xet = request.param == "xet"
+    try:
+        yield request.param
+    finally:
+        hub.xet = False
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from hubsync import __version__, ci
+from hubsync.record import load as load_record
 from hubsync.testing.hub import DEFAULT_TOKEN, LocalHub
 from hubsync.testing.models import PublishedModel
 from tests.action_runner import ActionRun, ActionRunner, evaluate, expand, parse_command, read_file_command
@@ -182,6 +183,8 @@ def test_action_metadata_matches_the_schema(metadata: dict[str, Any]) -> None:
         "python-version",
         "hubsync-version",
         "device",
+        "verify-python",
+        "verify-requirements",
         "extra-args",
     }
     assert set(metadata["outputs"]) >= {
@@ -358,6 +361,7 @@ class _FakePush:
     unchanged: list[str] = field(default_factory=list)
     tag: str | None = "v1"
     created_repo: bool = False
+    notes: list[str] = field(default_factory=lambda: ["the Hub would not copy 1 shard(s) | uploaded instead"])
 
 
 def test_ci_push_summary_links_and_bytes() -> None:
@@ -366,6 +370,7 @@ def test_ci_push_summary_links_and_bytes() -> None:
     assert "[my-org/model](https://hub/my-org/model)" in text
     assert "Uploaded 2.5 kB of the 10.0 kB in the build (25%)" in text
     assert "| copied server-side from the base | 1 | 7.5 kB |" in text and "tag: `v1`" in text
+    assert "- note: the Hub would not copy 1 shard(s) \\| uploaded instead" in text
     assert "already up to date" in ci.push_markdown(_FakePush(up_to_date=True, commit_url=None))  # type: ignore[arg-type]
 
 
@@ -679,9 +684,8 @@ def test_good_manifest_publishes_and_sets_every_output(
     assert out["commit-url"].endswith(f"/commit/{head}") and repo in out["commit-url"]
     assert out["repo-url"] == f"{workflow.hub.endpoint}/{repo}"
     assert out["revision"] == "main" and out["verified"] == "true" and out["pr-url"] == ""
-    assert (
-        0 < int(out["bytes-uploaded"]) < int(run.step("push").outputs["bytes-in-build"])
-    )  # base shards copied
+    # the session Hub serves LFS-only files, so the base's shards are uploaded too, not copied server-side
+    assert 0 < int(out["bytes-uploaded"]) <= int(run.step("push").outputs["bytes-in-build"])
     assert out["output-dir"].endswith(f"build/{repo_name}")
 
     # hubsync ran from the wheel the action installed out of its checkout
@@ -705,6 +709,19 @@ def test_good_manifest_publishes_and_sets_every_output(
     assert "| tuned prefix | changed |" in summary and "`vpm.`" in summary and "`resampler.`" in summary
     assert f"[{head[:12]}]({out['commit-url']})" in summary
     assert f"[{repo}]({out['repo-url']})" in summary and "Uploaded " in summary and "in the build" in summary
+
+
+def test_verify_python_runs_the_model_in_the_named_interpreter(
+    workflow: Workflow, published_remote_base: PublishedModel, remote_trainer_output: Path, repo_name: str
+) -> None:
+    repo = f"{HUB_NAMESPACE}/{repo_name}"
+    manifest = workflow.manifest("runtime", _manifest(published_remote_base, remote_trainer_output, repo))
+    run = workflow.run(manifest, push="false", **{"verify-python": sys.executable})
+    assert run.ok, run.log
+    record = load_record(Path(run.outputs["output-dir"]))
+    assert record.verification is not None and record.verification.passed
+    assert dict(record.verification.runtime) == {"kind": "python", "requirements": []}
+    _no_upload(workflow.hub, repo)
 
 
 def test_broken_manifest_fails_with_an_annotation_at_the_line(

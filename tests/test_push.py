@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from hubsync.build import build
 from hubsync.errors import PushError
 from hubsync.push import push, status
 from hubsync.testing.hub import DEFAULT_TOKEN, OTHER_TOKEN, LocalHub
-from hubsync.testing.models import PublishedModel
+from hubsync.testing.models import PublishedModel, publish_model
 from hubsync.verify import verify
 from tests.cli import run_cli
 from tests.fixtures_hub import unique_repo_name
@@ -84,9 +85,19 @@ def lfs_bytes(hub: LocalHub) -> int:
     return hub.bytes_received(route="lfs-upload")
 
 
+BASE_SHARDS = {"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"}
+TUNED_SHARD = "model-00003-of-00003.safetensors"
+
+
 def test_push_then_fresh_download_loads_and_verifies(
-    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+    tmp_path: Path,
+    hub: LocalHub,
+    hub_kind: str,
+    published_remote_base: PublishedModel,
+    remote_trainer_output: Path,
 ) -> None:
+    """The whole story against both kinds of Hub files: LFS-only (no xetHash: the base's shards are uploaded)
+    and Xet-backed (they are copied server-side). Either way one commit, and a fresh download loads."""
     from huggingface_hub import snapshot_download
 
     manifest, out, repo_id = make_build(
@@ -97,10 +108,22 @@ def test_push_then_fresh_download_loads_and_verifies(
     assert not result.up_to_date and result.created_repo and result.tag == "v1"
     assert result.commit_sha == hub.branch_head(repo_id)
     assert hub.commit_count(repo_id) == 2  # the initial commit and ours
-    # untouched base shards were copied server-side, not uploaded
-    assert set(result.copied) == {"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"}
-    assert lfs_bytes(hub) == (out / "model-00003-of-00003.safetensors").stat().st_size
-    assert result.bytes_uploaded < result.bytes_in_build
+    shard_bytes = {p: (out / p).stat().st_size for p in (*BASE_SHARDS, TUNED_SHARD)}
+    if hub_kind == "xet":  # untouched base shards are copied server-side, not uploaded
+        assert set(result.copied) == BASE_SHARDS and not result.notes
+        assert result.bytes_copied == sum(shard_bytes[p] for p in BASE_SHARDS)
+        assert lfs_bytes(hub) == shard_bytes[TUNED_SHARD]
+        assert result.bytes_uploaded < result.bytes_in_build
+    else:  # no xetHash: the Hub cannot copy them, so they are uploaded, and the push says so in one line
+        assert result.copied == [] and BASE_SHARDS <= set(result.uploaded) and result.bytes_copied == 0
+        assert result.notes == [
+            (
+                "2 shard(s) identical to the base are uploaded: the base serves them without a xetHash, "
+                "so the Hub cannot copy them server-side"
+            )
+        ]
+        assert lfs_bytes(hub) == sum(shard_bytes.values())
+        assert not hub.requests(route="lfs-duplicate")
 
     fresh = Path(snapshot_download(repo_id, revision="v1", cache_dir=tmp_path / "fresh-cache"))
     for path in out.iterdir():
@@ -108,7 +131,8 @@ def test_push_then_fresh_download_loads_and_verifies(
     assert verify(fresh, trust_remote_code=True, update_record=False).passed
 
     again = push(manifest)
-    assert again.up_to_date and hub.commit_count(repo_id) == 2
+    assert again.up_to_date and hub.commit_count(repo_id) == 2 and again.tag == "v1"
+    assert again.commit_url == f"{hub.endpoint}/{repo_id}/commit/{result.commit_sha}"
 
 
 def test_changed_tuned_tensor_uploads_only_the_changed_shard(
@@ -129,7 +153,7 @@ def test_changed_tuned_tensor_uploads_only_the_changed_shard(
 
 
 def test_card_front_matter_and_validation(
-    tmp_path: Path, published_remote_base: PublishedModel, remote_trainer_output: Path
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
     from huggingface_hub import ModelCard
 
@@ -147,7 +171,11 @@ def test_card_front_matter_and_validation(
     assert meta["tags"] == ["vision", "hubsync"]
     assert meta["datasets"] == ["my-org/captions"] and meta["language"] == ["en"]
     assert (out / "LICENSE").read_bytes() == (published_remote_base.local_dir / "LICENSE").read_bytes()
-    assert f"/tree/{published_remote_base.sha}" in text
+    # links go to the Hub the base came from (HF_ENDPOINT), not to huggingface.co
+    base_url = f"{hub.endpoint}/{published_remote_base.repo_id}"
+    assert f"[{published_remote_base.repo_id}]({base_url})" in text
+    assert f"]({base_url}/tree/{published_remote_base.sha})" in text
+    assert f"https://huggingface.co/{published_remote_base.repo_id}" not in text
     assert "| `vpm.` |" in text and "| `resampler.` |" in text
     assert "Verification **passed**" in text
     assert repo_id in text, "the loading snippet names the new repo"
@@ -180,94 +208,209 @@ def test_create_pr_leaves_main_alone(
     assert hub.branch_head(repo_id) == head
 
 
-@pytest.mark.parametrize("kind", ["429", "500", "drop"])
-@pytest.mark.parametrize("route", ["lfs-upload", "commit"])
-def test_transient_faults_are_retried_to_a_complete_commit(
-    kind: str,
-    route: str,
-    tmp_path: Path,
-    hub: LocalHub,
-    published_remote_base: PublishedModel,
-    remote_trainer_output: Path,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_check_that_did_not_run_is_skipped_on_the_card_never_failed() -> None:
+    from hubsync.card import CardInputs, verification_section
+
+    checks = [
+        {"name": "files match hubsync.json", "ok": True, "detail": "12 files"},
+        {
+            "name": "frozen parts untouched",
+            "ok": None,
+            "detail": "a LoRA merge has no frozen shard to compare",
+        },
+        {"name": "model runs", "ok": False, "detail": "chat() raised | an error"},
+    ]
+    inputs = CardInputs(
+        repo_id="my-org/m",
+        base_repo=None,
+        base_sha=None,
+        base_card=None,
+        manifest={},
+        verification={"passed": False, "device": "cpu", "checks": checks},
+    )
+    rows = verification_section(inputs).splitlines()
+    assert "| files match hubsync.json | pass | 12 files |" in rows
+    assert "| frozen parts untouched | skipped (a LoRA merge has no frozen shard to compare) | |" in rows
+    assert "| model runs | FAIL | chat() raised \\| an error |" in rows
+
+
+def test_two_builds_from_the_same_inputs_then_two_pushes_make_one_commit(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
-    monkeypatch.setattr("hubsync.push.time.sleep", lambda s: None)
-    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
-    hub.inject_fault(route, kind=kind, times=2)
+    manifest, out, repo_id = make_build(
+        tmp_path, published_remote_base, remote_trainer_output, push_spec={"tag": "v1"}
+    )
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert push(manifest).tag == "v1"
+    again = build(manifest, record_last_build=False).output
+    assert verify(again).passed
+    second = {p.name: p.read_bytes() for p in again.iterdir()}
+    assert [p for p in first if first[p] != second.get(p)] == []  # the card and the record included
     result = push(manifest)
-    assert result.commit_sha == hub.branch_head(repo_id)
-    files = hub.list_files(repo_id)
-    for path in out.iterdir():
-        assert files[path.name] == path.read_bytes()
+    assert result.up_to_date and result.tag == "v1" and hub.commit_count(repo_id) == 2
 
 
-def test_permanent_failure_leaves_no_repo_behind(
-    tmp_path: Path,
-    hub: LocalHub,
-    published_remote_base: PublishedModel,
-    remote_trainer_output: Path,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_tag_on_another_commit_stops_the_push_before_anything_is_published(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, trainer_output_factory: Any
 ) -> None:
-    monkeypatch.setattr("hubsync.push.time.sleep", lambda s: None)
-    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
-    hub.inject_fault("commit", kind="500", times=50)
+    first = trainer_output_factory("remote")
+    manifest, out, repo_id = make_build(tmp_path, published_remote_base, first, push_spec={"tag": "v1"})
+    tagged = push(manifest).commit_sha
+    assert tagged is not None
+    rebuild(manifest, "finetune", "path", str(changed_copy(first, tmp_path / "second-run")))
+    hub.clear_log()
     with pytest.raises(
-        PushError, match=rf"the push to {repo_id} failed \(HTTP 500\) after 5 retries; the repo is unchanged"
+        PushError,
+        match=rf"^tag v1 is on commit {tagged[:12]} of {repo_id}, not on the commit this push publishes: "
+        r"choose another `push.tag`, or set `push.tag_move: true` to move it$",
     ):
         push(manifest)
-    assert not hub.repo_exists(repo_id)
+    assert hub.branch_head(repo_id) == tagged and hub.commit_count(repo_id) == 2
+    assert not hub.requests(route="lfs-upload") and not hub.requests(route="commit")
+
+    rebuild(manifest, "push", "tag_move", True)
+    moved = push(manifest)
+    assert moved.tag == "v1" and moved.commit_sha == hub.branch_head(repo_id) != tagged
+    from huggingface_hub import HfApi
+
+    assert {t.name: t.target_commit for t in HfApi().list_repo_refs(repo_id).tags} == {"v1": moved.commit_sha}
 
 
-def test_permanent_failure_leaves_an_existing_repo_as_it_was(
-    tmp_path: Path,
-    hub: LocalHub,
-    published_remote_base: PublishedModel,
-    trainer_output_factory: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("hubsync.push.time.sleep", lambda s: None)
-    first = trainer_output_factory("remote")
-    manifest, out, repo_id = make_build(tmp_path, published_remote_base, first)
-    push(manifest)
-    before = hub.list_files(repo_id)
-    rebuild(manifest, "finetune", "path", str(changed_copy(first, tmp_path / "second-run")))
-    # the client itself retries LFS uploads for ~20 s; a commit it does not retry, so that is the fast case
-    hub.inject_fault("commit", kind="drop", times=50)
-    with pytest.raises(PushError, match="the repo is unchanged"):
-        push(manifest)
-    assert hub.list_files(repo_id) == before
-
-
-def test_moved_branch_is_a_conflict(
-    tmp_path: Path,
-    hub: LocalHub,
-    published_remote_base: PublishedModel,
-    trainer_output_factory: Any,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_new_branch_starts_from_the_named_ref_and_drops_its_stale_files(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
 ) -> None:
     from huggingface_hub import HfApi
 
-    import hubsync.push as push_module
-
-    first = trainer_output_factory("remote")
-    manifest, out, repo_id = make_build(tmp_path, published_remote_base, first)
+    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
     push(manifest)
-    rebuild(manifest, "finetune", "path", str(changed_copy(first, tmp_path / "second-run")))
-    real = push_module._remote_files
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b"stale", path_in_repo="stale.txt", repo_id=repo_id)
+    api.create_tag(repo_id, tag="with-stale")
+    main_head = hub.branch_head(repo_id)
+    rebuild(manifest, "push", "revision", "dev")
+    rebuild(manifest, "push", "branch_from", "with-stale")
+    result = push(manifest)
+    assert result.created_branch and result.deleted == ["stale.txt"]
+    assert "stale.txt" not in hub.list_files(repo_id, "dev", content=False)
+    assert hub.commit_count(repo_id, "dev") == 4  # initial, the first push, stale.txt, this push
+    assert hub.branch_head(repo_id) == main_head and "stale.txt" in hub.list_files(repo_id, content=False)
+    assert push(manifest).up_to_date
 
-    def someone_else_commits(api: Any, repo: str, revision: str) -> dict[str, Any]:
-        files = real(api, repo, revision)
-        if repo == repo_id:
-            HfApi().upload_file(path_or_fileobj=b"meanwhile", path_in_repo="other.txt", repo_id=repo_id)
-        return files
 
-    monkeypatch.setattr(push_module, "_remote_files", someone_else_commits)
+def test_a_new_branch_from_a_missing_ref_is_refused_before_anything_is_created(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
+    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
+    push(manifest)
+    rebuild(manifest, "push", "revision", "dev")
+    rebuild(manifest, "push", "branch_from", "nowhere")
     with pytest.raises(
         PushError,
-        match=rf"{repo_id}@main moved while pushing \(someone else committed\): run `hubsync status`",
+        match=rf"^branch dev does not exist in {repo_id} and `push.branch_from` names `nowhere`, which does "
+        "not exist there either: set `push.branch_from` to a branch, tag or commit of that repo$",
     ):
         push(manifest)
-    assert "other.txt" in hub.list_files(repo_id, content=False)
+    assert hub.branch_head(repo_id, "dev") is None
+
+
+@pytest.fixture
+def xet_hub(hub: LocalHub) -> Iterator[LocalHub]:
+    hub.xet = True
+    try:
+        yield hub
+    finally:
+        hub.xet = False
+
+
+def test_copies_the_hub_refuses_are_uploaded_in_the_same_commit(
+    tmp_path: Path, xet_hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
+    """Another storage region: the duplicate endpoint reports every file as failed (FileDuplicationError)."""
+    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
+    xet_hub.inject_fault("lfs-duplicate", kind="reject")
+    result = push(manifest)
+    assert result.copied == [] and BASE_SHARDS <= set(result.uploaded)
+    assert result.notes == [
+        (
+            f"the Hub would not copy 2 shard(s) server-side from {published_remote_base.repo_id} (Files cannot be "
+            "duplicated between these storage regions): uploaded them instead, in the same commit"
+        )
+    ]
+    assert xet_hub.commit_count(repo_id) == 2
+    files = xet_hub.list_files(repo_id)
+    assert all(files[p] == (out / p).read_bytes() for p in BASE_SHARDS)
+
+
+def test_a_copy_source_the_user_cannot_read_is_uploaded_instead(
+    tmp_path: Path,
+    xet_hub: LocalHub,
+    remote_base_dir: Path,
+    trainer_output_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gated base that the pushing user has no access to: its metadata is public, its files are not, so the
+    duplicate call is refused (403) and the shards are uploaded from the build instead."""
+    gated = publish_model(
+        remote_base_dir, f"my-org/{unique_repo_name('gated-base')}", endpoint=xet_hub.endpoint
+    )
+    xet_hub.set_gated(gated.repo_id)
+    finetune = trainer_output_factory("remote", base_repo_id=gated.repo_id)
+    target = f"other/{unique_repo_name('ft')}"
+    manifest, out, _ = make_build(tmp_path, gated, finetune, push_spec={"repo": target})
+    monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)
+    result = push(manifest)
+    assert result.copied == [] and BASE_SHARDS <= set(result.uploaded)
+    [note] = result.notes
+    assert note.startswith(f"the Hub would not copy 2 shard(s) server-side from {gated.repo_id} (HTTP 403: ")
+    assert xet_hub.commit_count(target) == 2
+    assert xet_hub.list_files(target)[TUNED_SHARD] == (out / TUNED_SHARD).read_bytes()
+
+
+def test_a_base_that_loses_its_xet_hash_before_the_commit_is_uploaded_instead(
+    tmp_path: Path,
+    xet_hub: LocalHub,
+    published_remote_base: PublishedModel,
+    remote_trainer_output: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plan saw a xetHash; by the commit the Hub serves none (huggingface_hub's "no xet hash" ValueError)."""
+    import hubsync.push as push_package
+
+    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
+    real = push_package.base_files
+
+    def then_the_hub_changes(api: Any, record: Any) -> Any:
+        files = real(api, record)
+        xet_hub.xet = False
+        return files
+
+    monkeypatch.setattr(push_package, "base_files", then_the_hub_changes)
+    result = push(manifest)
+    assert result.copied == [] and BASE_SHARDS <= set(result.uploaded)
+    assert result.notes == [
+        (
+            f"the Hub would not copy 2 shard(s) server-side from {published_remote_base.repo_id} (the base serves "
+            "them without a xetHash): uploaded them instead, in the same commit"
+        )
+    ]
+    assert xet_hub.commit_count(repo_id) == 2
+
+
+def test_skip_verify_check_hashes_the_files_as_they_are_now(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
+    manifest, out, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
+    push(manifest)
+    shard = out / TUNED_SHARD
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # a shard edited after verification
+    shard.write_bytes(bytes(data))
+    result = push(manifest, skip_verify_check=True)
+    assert TUNED_SHARD in result.uploaded and result.changed_since_verification == [TUNED_SHARD]
+    assert result.notes[0] == (
+        f"--skip-verify-check: 1 file(s) changed since verification, pushed as they are now: {TUNED_SHARD}"
+    )
+    assert hub.list_files(repo_id)[TUNED_SHARD] == bytes(data)
 
 
 def test_status_reports_base_move_and_local_changes(
@@ -301,10 +444,15 @@ def test_status_reports_base_move_and_local_changes(
 
 
 def hubsync(
-    args: list[str], hub: LocalHub, tmp_path: Path, token: str | None = DEFAULT_TOKEN, cwd: Path | None = None
+    args: list[str],
+    hub: LocalHub,
+    tmp_path: Path,
+    token: str | None = DEFAULT_TOKEN,
+    cwd: Path | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The CLI against the session Hub, with a fresh HF_HOME and the given token."""
-    env = {**os.environ, **hub.client_env(tmp_path / "hf-cli", token=token)}
+    env = {**os.environ, **hub.client_env(tmp_path / "hf-cli", token=token), **(env_extra or {})}
     return run_cli(*args, env=env, cwd=cwd or tmp_path)
 
 
@@ -395,3 +543,49 @@ def test_status_cli(
     assert env_offline.stderr.strip().splitlines()[-1] == (
         "error: HF_HUB_OFFLINE=1 is set, and talking to the Hub needs the network: unset HF_HUB_OFFLINE"
     )
+
+
+def test_push_json_and_the_action_outputs_agree(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
+    """`--json` and the GitHub Action's outputs come from one result: the same commit url, also when nothing
+    changed (0.1.0 said `commit_url: null` there while the Action filled it in)."""
+    manifest, _, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
+    for when in ("first", "up to date"):
+        outputs = tmp_path / f"outputs-{when}"
+        actions = {"GITHUB_ACTIONS": "true", "GITHUB_OUTPUT": str(outputs)}
+        pushed = hubsync(["push", "--json", str(manifest)], hub, tmp_path, env_extra=actions)
+        assert pushed.returncode == 0, pushed.stderr
+        data = json.loads(pushed.stdout)
+        data = data.get("result", data)  # a JSON envelope around the result, or the result itself
+        out = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+        head = hub.branch_head(repo_id)
+        assert data["up_to_date"] is (when == "up to date")
+        assert out["up-to-date"] == str(data["up_to_date"]).lower()
+        assert data["commit_sha"] == out["commit-sha"] == head
+        assert data["commit_url"] == out["commit-url"] == f"{hub.endpoint}/{repo_id}/commit/{head}"
+        assert data["repo_url"] == out["repo-url"] and data["revision"] == out["revision"] == "main"
+        assert str(data["bytes_uploaded"]) == out["bytes-uploaded"]
+
+
+def test_status_cannot_tell_a_private_repo_from_a_missing_one(
+    tmp_path: Path, hub: LocalHub, published_remote_base: PublishedModel, remote_trainer_output: Path
+) -> None:
+    """The Hub answers "private, and not yours" and "missing" alike, so status says both, never "does not
+    exist yet", unless the token can see the namespace (0.1.0 told an anonymous user "does not exist yet")."""
+    manifest, _, repo_id = make_build(tmp_path, published_remote_base, remote_trainer_output)
+    push(manifest)  # private by default
+    hidden = (
+        f"remote  {repo_id}@main does not exist, or is private and your token cannot read it (the Hub answers "
+        "both alike)"
+    )
+    anonymous = hubsync(["status", str(manifest)], hub, tmp_path, token=None)
+    assert anonymous.returncode == 0, anonymous.stderr
+    assert f"{hidden}; no token is set: set HF_TOKEN to see private repos" in anonymous.stdout
+    other = hubsync(["status", "--json", str(manifest)], hub, tmp_path, token=OTHER_TOKEN)
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["remote"]["exists"] is None
+    text = hubsync(["status", str(manifest)], hub, tmp_path, token=OTHER_TOKEN).stdout
+    assert f"{hidden}\n" in text + "\n" and "does not exist yet" not in text
+    owner = hubsync(["status", str(manifest)], hub, tmp_path)
+    assert f"remote  {repo_id}@main matches the build" in owner.stdout

@@ -103,3 +103,39 @@ def test_with_the_models_runtime_it_builds_verifies_and_pushes(
     again = run_cli("verify", "--json", str(tmp_path / "out"), env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4.40.2" in json.dumps(json.loads(again.stdout))
+
+
+@pytest.mark.timeout(1200)
+def test_the_command_line_names_the_training_environment(
+    tmp_path: Path,
+    hub: LocalHub,
+    legacy_runtime: tuple[Any, Path],
+    legacy_base: PublishedModel,
+    legacy_finetune: Path,
+) -> None:
+    """`--verify-python` (the Action's verify-python input): the same manifest, verified with the interpreter of
+    an existing environment (here the transformers 4.40 venv, as a training env would be)."""
+    runtime, cache = legacy_runtime
+    path = manifest(tmp_path, legacy_base, legacy_finetune)
+    both = run_cli(
+        "build",
+        str(path),
+        "--verify-python",
+        "x",
+        "--verify-requirement",
+        "y",
+        env=environment(hub, tmp_path),
+    )
+    assert both.returncode == 2 and "give --verify-python or --verify-requirement, not both" in both.stderr
+    built = run_cli(
+        "build",
+        str(path),
+        "--verify-python",
+        str(runtime.python),
+        env=environment(hub, tmp_path, cache),
+        cwd=tmp_path,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    verification = load(tmp_path / "out").verification
+    assert verification is not None and verification.passed
+    assert verification.runtime["kind"] == "python" and verification.versions["transformers"] == "4.40.2"

@@ -361,7 +361,7 @@ def test_verify_python_that_does_not_exist(tmp_path: Path) -> None:
         R.python_runtime(tmp_path / "nope" / "python")
     assert err.value.one_line() == (
         f"verify.python {tmp_path / 'nope' / 'python'} does not exist: point it at the interpreter of the "
-        "environment the model runs in (e.g. /path/to/venv/bin/python)."
+        "environment the model runs in (e.g. /path/to/venv/bin/python)"
     )
 
 

@@ -50,8 +50,10 @@ def subject_for_build(
     *,
     base_folder: Path,
     finetune_folder: Path,
+    runtime: Mapping[str, Any] | None = None,
 ) -> Subject:
-    """The subject of a build that was just written (everything is known; nothing is read back)."""
+    """The subject of a build that was just written (everything is known; nothing is read back). `runtime`
+    overrides the manifest's (the command line's --verify-python / --verify-requirement)."""
     return Subject(
         folder=folder,
         record=record,
@@ -62,7 +64,7 @@ def subject_for_build(
         prompt=manifest.verify.prompt or DEFAULT_PROMPT,
         image=manifest.verify.image,
         manifest_path=manifest_path,
-        runtime=runtime_of(manifest),
+        runtime=dict(runtime) if runtime else runtime_of(manifest),
         timeout=float(manifest.verify.timeout),
     )
 
