@@ -347,7 +347,6 @@ def _sum_sq(a: np.ndarray) -> float:
 
 def norm_sq(a: np.ndarray, dtype: str) -> float:
     """Σ a² of a chunk, in fp32 (fp64 for fp64)."""
-    import numpy as np
 
     return _sum_sq(for_sums(a, dtype, "norm"))
 

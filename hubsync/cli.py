@@ -366,8 +366,13 @@ def status(manifest: Path | None, as_json: bool) -> None:
 @click.option(
     "--base", "base", required=True, metavar="REPO[@REV]", help="The base model the fine-tune started from."
 )
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Allow loading the base's own code in the verification worker, to see whether it runs here.",
+)
 @JSON_FLAG
-def doctor(finetune_dir: Path, base: str, as_json: bool) -> None:
+def doctor(finetune_dir: Path, base: str, trust_remote_code: bool, as_json: bool) -> None:
     """Diagnose a trainer output against its base and print a manifest that fixes it.
 
     Reads the base's headers and a small sample of its weights over HTTP, unless they are in the cache
@@ -376,7 +381,7 @@ def doctor(finetune_dir: Path, base: str, as_json: bool) -> None:
     from hubsync.doctor import diagnose
     from hubsync.errors import PlanError
 
-    result = diagnose(finetune_dir, base)
+    result = diagnose(finetune_dir, base, trust_remote_code=trust_remote_code)
     _result(
         {
             "findings": list(result.findings),

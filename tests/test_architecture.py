@@ -38,10 +38,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli", "__main__"),
 )
 MAX_FUNCTION_LINES = 80
-# Functions being rewritten by open work (each entry must still be long: the list cannot go stale).
-PENDING_SPLITS = {
-    "hubsync.doctor.diagnose",
-}
 MESSAGE_ERRORS = {cls.__name__ for cls in HubsyncError.__subclasses__()} | {"HubsyncError"}
 
 
@@ -122,9 +118,7 @@ def test_functions_are_short() -> None:
                 lines = (node.end_lineno or node.lineno) - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
                     long[f"{name}.{node.name}"] = lines
-    unexpected = {k: v for k, v in long.items() if k not in PENDING_SPLITS}
-    assert not unexpected, "\n".join(f"{k}: {v} lines" for k, v in unexpected.items())
-    assert PENDING_SPLITS <= set(long), f"no longer long, drop from PENDING_SPLITS: {PENDING_SPLITS - set(long)}"
+    assert not long, "\n".join(f"{k}: {v} lines" for k, v in long.items())
 
 
 def test_no_module_imports_another_modules_private_names() -> None:

@@ -23,6 +23,7 @@ from hubsync.verify.runtime import (
     python_runtime,
     requirements_runtime,
     run_worker,
+    suggested_requirements,
 )
 from hubsync.verify.subject import Subject
 
@@ -41,7 +42,6 @@ VISION_HINTS = (
 TOLERANCE = {"cpu": 0.0, "cuda": 1e-2}
 # The torch that most remote code written for transformers 4.x still runs on (field notes: MiniCPM-V 2.5's
 # resampler needs torch <= 2.6).
-TORCH_FOR_4X = "torch==2.6.0"
 
 
 def choose_runtime(subject: Subject) -> Runtime:
@@ -139,11 +139,8 @@ class _Judge:
         running = self.runtime.versions.get("transformers") or "?"
         fix = "verify in the environment the model was written for: set verify.requirements or verify.python"
         if written and written.split(".")[0] != str(running).split(".")[0]:
-            reqs = [f"transformers=={written}"]
-            if written.startswith("4."):
-                reqs.append(TORCH_FOR_4X)
-            if "torchvision" in (self.base.step("preflight").get("checked") or []):
-                reqs.append("torchvision")
+            checked = self.base.step("preflight").get("checked") or []
+            reqs = suggested_requirements(written, torchvision="torchvision" in checked)
             fix = (
                 f"its config.json was written by transformers {written}: set verify.requirements: "
                 f"[{', '.join(reqs)}] or verify.python"

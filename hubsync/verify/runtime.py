@@ -111,6 +111,21 @@ class Runtime:
 # ------------------------------------------------------------------------------------------- the runtimes
 
 
+# The torch most remote code written for transformers 4.x still runs on (MiniCPM-V 2.5: torch <= 2.6).
+TORCH_FOR_4X = "torch==2.6.0"
+
+
+def suggested_requirements(written: str, *, torchvision: bool) -> list[str]:
+    """verify.requirements for a model whose config.json was written by transformers `written`; `torchvision`
+    when its code imports it."""
+    reqs = [f"transformers=={written}"]
+    if written.startswith("4."):
+        reqs.append(TORCH_FOR_4X)
+    if torchvision:
+        reqs.append("torchvision")
+    return reqs
+
+
 def current_runtime() -> Runtime:
     return Runtime("current", Path(sys.executable), probe(Path(sys.executable), "hubsync's own interpreter"))
 

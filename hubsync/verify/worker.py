@@ -219,6 +219,7 @@ class Request:
         "max_memory",
         "offload_dir",
         "outputs_dir",
+        "stop_after",
     )
 
     def __init__(self, data: dict[str, Any], result_path: str) -> None:
@@ -241,6 +242,9 @@ class Request:
         self.scratch = os.path.dirname(os.path.abspath(result_path))  # temporary folders go here
         default_outputs = os.path.join(self.scratch, "outputs")
         self.outputs_dir = os.path.abspath(str(data.get("outputs_dir") or default_outputs))
+        self.stop_after: str | None = data.get("stop_after")  # "load": only whether the model loads
+        if self.stop_after not in (None, "load"):
+            raise ValueError(f"stop_after {self.stop_after!r}: only 'load' is known")
 
 
 # ---------------------------------------------------------------------------------------------- the steps
@@ -1069,6 +1073,8 @@ def run(request: Request, result: Result) -> None:
     ok, _ = result.run("load", lambda r: step_load(r, session))
     if not ok:
         return _skip_rest(result, "load", "the model did not load")
+    if request.stop_after == "load":
+        return _skip_rest(result, "load", "not requested")
     if session.tokenizer is None:
         return _skip_rest(result, "load", "no tokenizer to build inputs with")
     result.run("text_forward", lambda r: step_text_forward(r, session))
