@@ -36,6 +36,8 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="hubsync-tests-"))
 # Xet-backed files ask for the `hub_kind` fixture
 _HUB = LocalHub(_SESSION_DIR / "hub").start()
 os.environ.update(_HUB.client_env(_SESSION_DIR / "hf_home", token=DEFAULT_TOKEN))
+# hubsync's own cache (rename tables, converted checkpoints) too: tests never write the developer's ~/.cache
+os.environ["HUBSYNC_CACHE_DIR"] = str(_SESSION_DIR / "hubsync-cache")
 
 
 def _shutdown() -> None:

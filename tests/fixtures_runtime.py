@@ -3,6 +3,7 @@ session through `verify.requirements` (hubsync's own code path) and shared by ev
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,12 @@ LEGACY_REQUIREMENTS = ["transformers==4.40.2", "torch==2.13.0", "pillow"]
 @pytest.fixture(scope="session")
 def legacy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A hubsync cache folder (HUBSYNC_CACHE_DIR) that holds the legacy runtime's venv, made once."""
-    cache = tmp_path_factory.mktemp("hubsync-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one venv for all the workers of this run: the first makes it, the others wait on its lock
+        cache = tmp_path_factory.getbasetemp().parent / "hubsync-legacy-cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("hubsync-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HUBSYNC_CACHE_DIR", str(cache))
         patch.setenv(R.INSTALLER_ENV, "pip")  # pip reads this machine's pip.conf (the local torch wheel)
