@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--python", default=None, help="the interpreter the worker runs models with")
     args = parser.parse_args()
+    os.environ["HUBSYNC_VERIFY_CACHE"] = "0"  # time the base's run too, never a kept one
     work = args.workdir.resolve() / args.size
     base, ft = work / "base", work / "finetune"
     timings: dict[str, float] = {}

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hubsync.verify import basecache
 from hubsync.verify.report import Report
 from hubsync.verify.runtime import (
     Runtime,
@@ -62,14 +63,32 @@ def run_models(subject: Subject, report: Report) -> Runtime:
     with tempfile.TemporaryDirectory(prefix="hubsync-verify-") as scratch:
         with report.timed("run build"):
             build = _run(subject, subject.folder, runtime, Path(scratch) / "build")
-        with report.timed("run base"):
-            base = _run(subject, subject.base_folder, runtime, Path(scratch) / "base")
+        base = _run_base(subject, runtime, Path(scratch) / "base", report)
         _Judge(subject, report, runtime, build, base).judge()
     return runtime
 
 
+def _run_base(subject: Subject, runtime: Runtime, workdir: Path, report: Report) -> WorkerResult:
+    """The base's run: the one kept from an earlier verify with the same base, runtime and request (see
+    hubsync.verify.basecache), else a fresh one, kept when it passed."""
+    request = _request(subject, subject.base_folder)
+    cache_key = basecache.key(runtime, request)
+    kept = basecache.load(runtime, cache_key)
+    if kept is not None:
+        report.timings["run base (kept from an earlier verify)"] = 0.0
+        return kept
+    with report.timed("run base"):
+        result = run_worker(runtime, request, timeout=subject.timeout, workdir=workdir)
+    basecache.save(cache_key, result)
+    return result
+
+
 def _run(subject: Subject, folder: Path, runtime: Runtime, workdir: Path) -> WorkerResult:
-    request = {
+    return run_worker(runtime, _request(subject, folder), timeout=subject.timeout, workdir=workdir)
+
+
+def _request(subject: Subject, folder: Path) -> dict[str, Any]:
+    return {
         "folder": str(folder),
         "trust_remote_code": subject.trust_remote_code,
         "device": subject.device,
@@ -78,7 +97,6 @@ def _run(subject: Subject, folder: Path, runtime: Runtime, workdir: Path) -> Wor
         "tuned_prefixes": list(subject.tuned_prefixes),
         "max_memory": subject.max_memory,
     }
-    return run_worker(runtime, request, timeout=subject.timeout, workdir=workdir)
 
 
 def _kind(error: str | None) -> str:
