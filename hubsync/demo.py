@@ -344,7 +344,10 @@ def _serve_until_stopped(hub: LocalHub) -> None:
     stop = threading.Event()
     sys.stdout.flush()  # the next steps must reach a pipe now, not when the Hub stops
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # SIGINT too, explicitly: a process started with SIGINT ignored (a background job of a script, a test
+        # runner's worker) inherits that, and Ctrl-C would then never stop it
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stop.set())
     click.echo(f"\nthe local Hub is serving on {hub.endpoint}: Ctrl-C stops it", err=True)
     try:
         while not stop.wait(0.5):

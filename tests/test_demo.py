@@ -27,6 +27,10 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def read_until_next_steps(demo: subprocess.Popen[str]) -> str:
     """The demo's stdout up to the end of its next steps (it then keeps serving)."""
     assert demo.stdout is not None
@@ -77,6 +81,9 @@ def test_a_newcomer_goes_from_the_demo_to_a_second_push_of_their_own_edit(tmp_pa
         text=True,
         env=env,
         cwd=tmp_path,
+        # started with SIGINT ignored, as a script's background job (or a test worker) starts it: Ctrl-C must
+        # still stop it
+        preexec_fn=_ignore_sigint,
     )
     try:
         out = read_until_next_steps(demo)

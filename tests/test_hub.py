@@ -691,6 +691,8 @@ def _served(args: list[str]) -> Iterator[tuple[str, list[str]]]:
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        # SIGINT ignored, as a script's background job inherits it: Ctrl-C must still stop the Hub
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         assert proc.stdout is not None

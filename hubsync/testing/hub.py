@@ -2114,7 +2114,10 @@ def _wait_for_stop() -> None:
     """Block until Ctrl-C or SIGTERM."""
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # SIGINT too, explicitly: a process started with SIGINT ignored (a background job of a script, a test
+        # runner's worker) inherits that, and Ctrl-C would then never stop it
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             pass
