@@ -39,6 +39,9 @@ from tests.action_runner import ActionRun, ActionRunner, evaluate, expand, parse
 from tests.cli import run_cli
 from tests.fixtures_models import HUB_NAMESPACE
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_action")]
+
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / "action.yml"
 UPLOAD_ROUTES = {

@@ -35,6 +35,9 @@ from hubsync.testing.lora import (  # noqa: E402
 from hubsync.testing.models import PublishedModel  # noqa: E402
 from hubsync.verify import render_report, verify  # noqa: E402
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_adapters")]
+
 NATIVE_PARTS = ("language_model.", "multi_modal_projector.", "vision_tower.")
 REMOTE_PARTS = ("llm.", "resampler.", "vpm.")
 

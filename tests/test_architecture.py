@@ -151,7 +151,9 @@ def _style_problem(text: str) -> str | None:
     first = text.lstrip().split(" ", 1)[0]
     if first[:1].isupper() and not first.replace("_", "").replace("=", "").isupper():
         return "starts with a capital (messages start lower-case)"
-    if ": " not in text and not text.startswith("{}"):  # `{}...`: a message built on another one, checked there
+    if ": " not in text and not text.startswith(
+        "{}"
+    ):  # `{}...`: a message built on another one, checked there
         return "has no ': ' between what is wrong and what to do"
     if text.rstrip().endswith("."):
         return "ends with a period"

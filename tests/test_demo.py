@@ -119,7 +119,9 @@ def assert_the_story(out: str, err: str) -> None:
     assert "ok: the plan breaks no rule" in out and "PASSED" in out
     # the demo's Hub serves LFS-only files, as for repos from before the Xet migration: no server-side copies
     assert "0 shard(s) copied server-side from the base" in out
-    assert "note: 2 shard(s) identical to the base are uploaded: the base serves them without a xetHash" in out
+    assert (
+        "note: 2 shard(s) identical to the base are uploaded: the base serves them without a xetHash" in out
+    )
     assert "pushing again: already up to date" in out
     assert "base_model: my-org/tiny-minicpmv" in out and "base_model_relation: finetune" in out
     assert "chat() answered" in out and "done in" in out

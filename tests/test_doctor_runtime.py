@@ -18,9 +18,12 @@ from hubsync.verify.runtime import current_runtime
 from tests.cli import run_cli
 
 RUNNING = current_runtime().versions["transformers"]
-pytestmark = pytest.mark.skipif(
-    not RUNNING.startswith("5."), reason="the 4.x fixture is another major only under transformers 5"
-)
+pytestmark = [
+    pytest.mark.xdist_group("test_doctor_runtime"),
+    pytest.mark.skipif(
+        not RUNNING.startswith("5."), reason="the 4.x fixture is another major only under transformers 5"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

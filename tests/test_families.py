@@ -27,6 +27,9 @@ from hubsync.testing.families import FAMILIES, WAYS, make_family_base, make_fami
 from hubsync.verify import verify
 from tests.test_build import assert_build_is_faithful
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_families")]
+
 CASES = [
     (name, layout, way) for name, family in FAMILIES.items() for layout in family.layouts for way in WAYS
 ]

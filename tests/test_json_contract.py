@@ -18,6 +18,9 @@ from tests.cli import run_cli
 from tests.fixtures_hub import unique_repo_name
 from tests.test_build import REMOTE_TUNED, write_manifest
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_json_contract")]
+
 ERROR_KEYS = {"kind", "message", "file", "line", "exit_code"}
 
 

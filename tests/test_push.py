@@ -482,8 +482,10 @@ def test_cli_build_then_bare_push_and_token_errors(
         == "error: the Hugging Face token was refused (401): set HF_TOKEN to a valid write token"
     )
     other = hubsync(["push"], hub, tmp_path, token=OTHER_TOKEN)
-    assert other.stderr.strip().splitlines()[-1].startswith(
-        f"error: you are logged in as other, who cannot write to {repo_id}"
+    assert (
+        other.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: you are logged in as other, who cannot write to {repo_id}")
     )
     for result in (missing, wrong, other):
         assert "Traceback" not in result.stderr and "hf_" not in result.stderr.replace("hf auth", "")

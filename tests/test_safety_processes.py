@@ -28,6 +28,9 @@ from tests.fixtures_hub import unique_repo_name
 from tests.safety_helpers import hubsync_command, last_line, make_project, snapshot
 from tests.test_safety import base_snapshot_folder, local_paths_in
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_safety_processes")]
+
 
 @pytest.fixture
 def verified(

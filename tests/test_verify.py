@@ -21,6 +21,9 @@ from hubsync.verify import verify
 from tests.cli import run_cli
 from tests.test_build import REMOTE_TUNED, write_manifest
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_verify")]
+
 
 @pytest.fixture(scope="module")
 def built(

@@ -21,6 +21,9 @@ from tests.fixtures_models import HUB_NAMESPACE
 from tests.fixtures_runtime import LEGACY_REQUIREMENTS
 from tests.test_build import REMOTE_TUNED, write_manifest
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_verify_runtime")]
+
 
 @pytest.fixture(scope="module")
 def legacy_base(

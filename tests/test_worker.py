@@ -38,6 +38,9 @@ from hubsync.verify.runtime import Runtime, WorkerResult, current_runtime, run_w
 from hubsync.verify.worker import STEPS, map_prefix
 from tests.fixtures_runtime import LEGACY_REQUIREMENTS
 
+# one xdist worker runs this whole module, so its module- and session-scoped fixtures are made once
+pytestmark = [pytest.mark.xdist_group("test_worker")]
+
 TIMEOUT = 300.0
 UNMAPPED = "not_a_part."
 
