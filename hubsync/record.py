@@ -292,6 +292,10 @@ def hash_files(folder: Path) -> dict[str, str]:
     return hashes
 
 
+# The check that proves the model was loaded (and then run) in the verification worker.
+MODEL_LOADS = "model loads"
+
+
 def verification_gate(folder: Path) -> tuple[BuildRecord, dict[str, str]]:
     """What `hubsync push` demands: a passed verification that covers the files exactly as they are now.
     Returns the record and the files' current sha256 (hashed now, never taken from the record)."""
@@ -306,6 +310,11 @@ def verification_gate(folder: Path) -> tuple[BuildRecord, dict[str, str]]:
         what = f" ({failed.name}: {failed.detail})" if failed else ""
         raise VerifyError(
             f"the verification of {folder} failed{what}: fix the build and run `hubsync verify` again"
+        )
+    if not any(c.name == MODEL_LOADS and c.ok for c in verification.checks):
+        raise VerifyError(
+            f"the verification of {folder} never loaded the model (its files and weights were checked, nothing "
+            f"was run): run `hubsync verify {folder}` (or push with --skip-verify-check)"
         )
     current = hash_files(folder)
     covered = verification.files_sha256

@@ -205,6 +205,15 @@ def test_never_verified_blocks_the_gate(copy: Path) -> None:
         verification_gate(copy)
 
 
+def test_a_verification_that_never_loaded_the_model_blocks_the_gate(copy: Path) -> None:
+    report = verify(copy, run_models=False)  # files and weights only: passes, and is recorded
+    assert report.passed
+    with pytest.raises(VerifyError, match="never loaded the model .*: run `hubsync verify"):
+        verification_gate(copy)
+    assert verify(copy, trust_remote_code=True).passed
+    verification_gate(copy)
+
+
 def test_verify_cli_json_and_exit_codes(copy: Path, hub: Any, tmp_path: Path) -> None:
     import os
 

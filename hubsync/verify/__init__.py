@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hubsync import __version__, progress
 from hubsync.errors import VerifyError
-from hubsync.record import BuildRecord, FileEntry, LocalRecord, load_local, save, save_local
+from hubsync.record import MODEL_LOADS, BuildRecord, FileEntry, LocalRecord, load_local, save, save_local
 from hubsync.safety import check_replace
 from hubsync.verify.files import check_code_is_the_base, check_files, check_hashes
 from hubsync.verify.report import Report, render_report, summary_line
@@ -57,7 +57,7 @@ def run_checks(subject: Subject, *, run_models: bool = True) -> tuple[Report, di
 def _run_models(subject: Subject, report: Report) -> None:
     blocked = [c.name for c in report.failures if c.name in _GATES]
     if blocked:
-        report.add("model loads", None, f"not attempted: {blocked[0]} failed (see above)")
+        report.add(MODEL_LOADS, None, f"not attempted: {blocked[0]} failed (see above)")
         return
     from hubsync.verify.run import run_models
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hubsync.record import MODEL_LOADS
 from hubsync.verify import basecache
 from hubsync.verify.report import Report
 from hubsync.verify.runtime import (
@@ -211,7 +212,7 @@ class _Judge:
         crash = self._crash(self.build) if not self.build.steps.get("load") else None
         if crash:
             self.report.add(
-                "model loads", False, f"the build could not be loaded: {crash}", self.build.stderr_tail
+                MODEL_LOADS, False, f"the build could not be loaded: {crash}", self.build.stderr_tail
             )
             return False
         return True
@@ -307,7 +308,7 @@ class _Judge:
             error = load.get("error") or self._crash(self.build) or load.get("skipped")
             blame = self._blame_base(load.get("error"), base_load, "load")
             self.report.add(
-                "model loads",
+                MODEL_LOADS,
                 False,
                 blame
                 or f"the build does not load under {self.where} ({error})"
@@ -323,7 +324,7 @@ class _Judge:
         ]
         spread = f" ({self.report.device_map})" if self.report.device_map else ""
         self.report.add(
-            "model loads",
+            MODEL_LOADS,
             not problems,
             f"{load.get('class')} loads with no missing, unexpected or mismatched keys{spread}"
             if not problems
